@@ -1,0 +1,160 @@
+"""The PACED-RL policy: any HF causal LM plus the learned partition function log Z_φ(x).
+
+    p̂(x) = β · log Z_φ(e(x))        (DESIGN.md §2, Proposition 4.1: ≈ accuracy of π_old on x)
+
+- `LogZHead`: a 3-layer MLP over a frozen prompt embedding e(x). The embedding is the mean of the
+  *initial* model's last hidden states over the prompt tokens, computed once (`prompt_embeddings`),
+  so every prompt in the data set is scored without a forward pass of the LLM (paper §4).
+  Our choices where the paper is silent: width `logz_hidden`, features standardized with the
+  training set's mean/std, the MLP's output read in accuracy units (log Z = output/β), its output
+  layer zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections
+  are effectively uniform.
+- `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
+  `policy.parameters()` synchronizes both.
+- `generate`: batched sampling of G responses per prompt with a KV cache, left padding, temperature,
+  a length cap and stop at EOS. Each prompt draws its noise from its own generator seeded by
+  (seed, step, prompt id), so a prompt's samples do not depend on the rank or batch it lands in.
+- `sequence_logprobs`: Σ_t log π(y_t | x, y_<t) over response tokens. The mask keeps every token up
+  to and including the first EOS (EOS is trained) and nothing after it, which stays right when
+  pad == EOS (a trap of public RL code, STYLE.md).
+"""
+
+import torch
+import torch.nn as nn
+
+
+class LogZHead(nn.Module):
+    """log Z_φ(x) = MLP((e(x) − μ) / σ) / β, a scalar per prompt.
+
+    The MLP's output is in accuracy units (it *is* p̂), so Adam's step size reads as "accuracy per
+    step" whatever β is; a raw log Z head would need its learning rate scaled by 1/β.
+    """
+
+    def __init__(self, dim: int, hidden: int, beta: float, init_acc: float):
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sigma", torch.ones(dim))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)  # all prompts start with the same estimate
+        nn.init.constant_(self.net[-1].bias, init_acc)
+
+    def set_normalization(self, emb: torch.Tensor):
+        """Standardize features with statistics of the training prompts' embeddings (N, D)."""
+        self.mu.copy_(emb.mean(0))
+        self.sigma.copy_(emb.std(0).clamp(min=1e-6))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        return self.net((emb.float() - self.mu) / self.sigma).squeeze(-1) / self.beta
+
+
+class Policy(nn.Module):
+    """The trainable pair (π_θ, Z_φ); the LM stays a plain HF model for save_pretrained."""
+
+    def __init__(self, lm: nn.Module, logz: LogZHead):
+        super().__init__()
+        self.lm = lm
+        self.logz = logz
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: the first real token is position 0. (N, T) -> (N, T)"""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after it. (N, R) -> (N, R)"""
+    is_eos = (resp == eos_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+def left_pad(seqs: list, pad_id: int, device=None):
+    """Token-id lists -> (ids, mask), both (N, T), padded on the left."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def make_generators(seeds: list, device) -> list:
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(s))
+        gens.append(g)
+    return gens
+
+
+@torch.no_grad()
+def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_tokens: int,
+             temperature: float, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Sample `group_size` responses for each of the B prompts.
+
+    prompt_ids, prompt_mask: (B, P) left-padded. gens: B torch.Generators (one per prompt).
+    Returns response ids (B*G, R), row b*G+g the g-th sample of prompt b; after EOS, pad_id.
+    temperature == 0 means greedy. Sampling uses the Gumbel-max trick with per-prompt noise.
+    """
+    B, G = prompt_ids.size(0), group_size
+    ids = prompt_ids.repeat_interleave(G, 0)  # (B*G, P)
+    mask = prompt_mask.repeat_interleave(G, 0)
+    pos = position_ids(mask)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B*G, V)
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(B * G, dtype=torch.bool, device=ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            u = torch.stack([torch.rand((G, logits.size(-1)), generator=g, device=g.device) for g in gens])
+            gumbel = -torch.log(-torch.log(u.view(B * G, -1).clamp(1e-20, 1 - 1e-7)))
+            tok = (logits / temperature + gumbel.to(logits.device)).argmax(-1)
+        else:
+            tok = logits.argmax(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        done |= tok == eos_id
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                 past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1)
+
+
+def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0):
+    """Σ_t log π(y_t | x, y_<t) over masked response tokens, and the token count. Both (N,).
+
+    prompt_*: (N, P) left-padded; resp_*: (N, R) right-padded. Logits are divided by the sampling
+    temperature, so at T ≠ 1 this is the log-prob of the distribution that was sampled from.
+    """
+    ids = torch.cat([prompt_ids, resp_ids], 1)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    P = prompt_ids.size(1)
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logits = logits[:, P - 1:-1].float()  # (N, R, V): position P-1+t predicts response token t
+    if temperature > 0:
+        logits = logits / temperature
+    tok_lp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # (N, R)
+    m = resp_mask.to(tok_lp.dtype)
+    return (tok_lp * m).sum(-1), m.sum(-1)
+
+
+@torch.no_grad()
+def prompt_embeddings(lm, prompt_token_lists: list, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Mean over prompt tokens of the last hidden state: the frozen e(x) that Z_φ reads. (N, H)"""
+    embs = []
+    for i in range(0, len(prompt_token_lists), batch_size):
+        ids, mask = left_pad(prompt_token_lists[i:i + batch_size], pad_id, device)
+        h = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+               output_hidden_states=True).hidden_states[-1].float()  # (b, T, H)
+        m = mask.unsqueeze(-1).float()
+        embs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+    return torch.cat(embs) if embs else torch.zeros(0)

@@ -1,0 +1,65 @@
+"""Adaptive prompt selection: train on prompts whose estimated accuracy is near τ (DESIGN.md §4).
+
+    p̂(x) = β · log Z_φ(x)          select the k candidates with the smallest |p̂(x) − τ|
+
+Paper: greedy and deterministic, τ = 0.5 (medium difficulty: the most signal per rollout, since a
+group whose G rewards are all equal carries no learning signal). What the paper leaves open, and
+our choice: the candidates come from a pool of `pool_size` prompts drawn without replacement
+through an epoch (a shuffled pass over the data); `pool_size = 0` scores the whole data set each
+step. In uniform mode (the GRPO / FlowRL baseline) the first k of the pool are taken.
+Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same prompts.
+"""
+
+import numpy as np
+
+
+def select(p_hat, k: int, tau: float) -> np.ndarray:
+    """Indices (into p_hat) of the k entries with the smallest |p̂ − τ|; ties go to the lower index."""
+    p = np.asarray(p_hat, dtype=np.float64)
+    if k > p.size:
+        raise ValueError(f"select: asked for {k} prompts from a pool of {p.size}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"select: non-finite accuracy estimate at pool positions {np.flatnonzero(~np.isfinite(p)).tolist()[:10]}")
+    return np.argsort(np.abs(p - tau), kind="stable")[:k]
+
+
+class PromptPool:
+    """Walks through shuffled epochs of the data set, `size` prompt indices at a time."""
+
+    def __init__(self, n: int, size: int, seed: int):
+        if n == 0:
+            raise ValueError("PromptPool: the training set is empty")
+        self.n, self.size, self.seed = n, (size if 0 < size <= n else n), seed
+        self.epoch, self.cursor = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self) -> np.ndarray:
+        """The next `size` indices; a pool that would cross an epoch's end starts a new epoch."""
+        if self.size == self.n:  # `all`: the whole data set, every step
+            return np.arange(self.n)
+        if self.cursor + self.size > self.n:
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._perm = self._permutation()
+        out = self._perm[self.cursor:self.cursor + self.size]
+        self.cursor += self.size
+        return out
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, s):
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+        self._perm = self._permutation()
+
+
+def choose_prompts(pool: PromptPool, p_hat_fn, k: int, tau: float, mode: str) -> np.ndarray:
+    """One step of prompt selection: data-set indices of the k prompts to roll out."""
+    cand = pool.next()
+    if mode == "uniform":
+        return cand[:k]
+    if mode == "paced":
+        return cand[select(p_hat_fn(cand), k, tau)]
+    raise ValueError(f"select mode must be 'paced' or 'uniform', got {mode!r}")

@@ -1,0 +1,576 @@
+"""PACED-RL training loop. Runs as `python train.py` or `torchrun --standalone --nproc_per_node=N train.py`.
+
+One step (DESIGN.md §6):
+  1. score a candidate pool with p̂ = β·log Z_φ(e(x)) and select B prompts near τ  (scheduler.py)
+  2. roll out G responses per prompt with the current policy, π_old := π_θ        (paced_rl.py)
+  3. verify: reward r ∈ {0, 1}, per-prompt accuracy a(x), error e(x) = |a − p̂|      (verify.py)
+  4. draw replayed correct trajectories, then add this step's highest-error ones    (replay.py)
+  5. one optimizer step on the TB loss over fresh + replayed samples, in θ and φ   (tb_loss.py)
+  6. log metrics reduced over all ranks to <out_dir>/metrics.jsonl
+
+Data parallelism is written by hand: prompts are sharded over ranks after selection, every rank
+computes its share of the global-mean loss, gradients are summed with one all-reduce, so the update
+equals the one-process update on the global batch (what DDP does, in ten lines you can read).
+
+Where we depart from or fill in the paper (each a config field below): the candidate pool, the
+initial estimate p0, replayed samples drawn *before* this step's are added (a trajectory never
+appears twice in one update), replayed samples anchored on the current policy with a clipped
+importance weight and not training Z_φ. Run `python train.py --help` for every field.
+"""
+
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import paced_rl
+import replay as replay_lib
+import scheduler
+import tb_loss
+import verify
+
+
+@dataclass
+class Config:
+    # --- run
+    out_dir: str = "runs/paced"  # metrics.jsonl, checkpoints and the prompt-embedding cache go here
+    seed: int = 0  # seeds the pool order, the sampling noise of every prompt, Z_φ init, replay draws
+    resume: str = ""  # a run directory: continue from its newest checkpoint (its config, then CLI overrides)
+    max_steps: int = 120  # optimizer steps; the paper runs 150 on DeepScaleR
+    device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
+    dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
+    dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
+    # --- model and data
+    model: str = "testbed/model"  # HF hub id or local path of the initial policy (also π_ref, and e(x))
+    train_data: str = "testbed/train.jsonl"  # json / jsonl prompts with the fields below
+    eval_data: str = "testbed/heldout.jsonl"  # held-out prompts: evaluated, never trained on or pooled
+    prompt_field: str = "prompt"  # the field holding the prompt text
+    answer_field: str = "answer"  # the field holding the reference answer given to the verifier
+    verifier: str = "testbed"  # a name in verify.VERIFIERS
+    testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
+    max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
+    # --- rollouts
+    prompts_per_step: int = 16  # B, prompts per step over all ranks (divisible by the world size)
+    group_size: int = 8  # G, responses per prompt (paper: 8)
+    max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
+    temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
+    # --- PACED-RL
+    beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
+    tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
+    select: str = "paced"  # paced: B candidates nearest τ | uniform: the first B of the pool (baseline)
+    pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
+    logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
+    logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
+    # --- replay
+    replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories
+    replay_capacity: int = 128  # buffer size (paper: 128)
+    replay_add_k: int = 64  # highest-error correct trajectories added per step (paper: 64)
+    replay_per_step: int = 16  # replayed samples joining each update (paper: not given)
+    replay_anchor: str = "current"  # current: π_old = the policy before this update | behavior: the sampler's
+    replay_is_clip: float = 1.0  # replayed weight min(clip, π_θold/π_behavior), detached; 0 = no weight
+    replay_trains_logz: bool = False  # correct-only samples would push log Z_φ (so p̂) up: off
+    # --- optimization
+    lr: float = 3e-5  # policy learning rate (AdamW). RL collapses at SFT rates; paper: 1e-6 at 1.5B
+    logz_lr: float = 1e-3  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
+    weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
+    grad_clip: float = 1.0  # global grad-norm clip over θ and φ; 0 disables
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 20  # evaluate held-out prompts every this many steps (and at step 0 and the end)
+    eval_samples: int = 8  # samples per held-out prompt at `temperature`
+    eval_batch: int = 64  # held-out prompts per generation batch
+    ckpt_every: int = 20  # write a checkpoint every this many steps (and at the end)
+    keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
+
+
+# ----------------------------------------------------------------------------- config and CLI
+
+
+def field_docs():
+    """{field: comment} from the source of Config, for --help."""
+    docs = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def parse_value(key: str, raw: str, default):
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "on", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "off", "no"):
+                return False
+            raise ValueError
+        return type(default)(raw)
+    except ValueError:
+        raise SystemExit(f"config: --{key}={raw!r} is not a valid {type(default).__name__}") from None
+
+
+def parse_args(argv) -> dict:
+    """`--key=value` pairs -> {key: typed value}; `--help` prints every field."""
+    defaults = Config()
+    known = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            docs = field_docs()
+            print(__doc__.split("\n\n")[0] + "\n\nConfig (override with --key=value):")
+            for f in dataclasses.fields(Config):
+                print(f"  --{f.name}={getattr(defaults, f.name)!r:<24} {docs.get(f.name, '')}")
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"config: expected --key=value, got {arg!r}")
+        key, raw = arg[2:].split("=", 1)
+        if key not in known:
+            raise SystemExit(f"config: unknown key {key!r}; run `python train.py --help` for the list")
+        out[key] = parse_value(key, raw, getattr(defaults, key))
+    return out
+
+
+def check_config(cfg: Config):
+    choices = {"select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
+               "dtype": ("float32", "bfloat16")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "eval_every", "ckpt_every", "eval_samples"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
+    if cfg.beta <= 0:
+        raise SystemExit(f"config: beta must be > 0, got {cfg.beta}")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(cfg: Config):
+    """(rank, world, device). torchrun sets WORLD_SIZE; otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() and world == 1 else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # share the cores between the ranks of this machine
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return rank, world, device
+
+
+def print0(*a, rank=0):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+def gather(obj, world):
+    """Every rank's `obj`, as a list in rank order (one all-gather)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sync_grads(params, world):
+    """Sum gradients over ranks in one flat all-reduce. Each rank's loss is its share of the global
+    mean (local sum / global count), so the sum is exactly the gradient of the global-batch loss."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).clone()
+        i += g.numel()
+
+
+def all_sum(x: float, world, device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_prompts(path: str, prompt_field: str, answer_field: str) -> list:
+    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer'}]."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise SystemExit(f"data: {path} does not exist")
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    ds = datasets.load_dataset(kind, data_files=path, split="train")
+    if len(ds) == 0:
+        raise SystemExit(f"data: {path} has no rows")
+    for f in (prompt_field, answer_field):
+        if f not in ds.column_names:
+            raise SystemExit(f"data: {path} has no field {f!r}; fields: {ds.column_names}")
+    rows = []
+    for i, r in enumerate(ds):
+        p, a = r[prompt_field], r[answer_field]
+        if not isinstance(p, str) or not p.strip():
+            raise SystemExit(f"data: {path} row {i}: field {prompt_field!r} must be a non-empty string, got {p!r}")
+        if a is None:
+            raise SystemExit(f"data: {path} row {i}: field {answer_field!r} is missing")
+        rows.append({"prompt": p, "answer": a})
+    return rows
+
+
+def encode_prompts(tokenizer, rows: list, log) -> list:
+    """Token ids of each prompt: through the chat template when the tokenizer has one, else as is."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                               add_generation_prompt=True) for r in rows]
+    else:
+        log("tokenizer has no chat template: prompts are used as plain text")
+        texts = [r["prompt"] for r in rows]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def drop_long(rows, toks, cap, name, log):
+    keep = [i for i, t in enumerate(toks) if len(t) <= cap]
+    if len(keep) < len(rows):
+        log(f"{name}: skipped {len(rows) - len(keep)} prompts longer than max_prompt_tokens={cap}")
+    return [rows[i] for i in keep], [toks[i] for i in keep]
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from integers, identical on every rank and every run."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# ----------------------------------------------------------------------------- rollouts and evaluation
+
+
+def rollout(policy, tokenizer, prompt_toks, seeds, cfg, device, temperature):
+    """Generate G responses per prompt; returns padded tensors and the decoded responses."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pid, pmask = paced_rl.left_pad(prompt_toks, pad, device)
+    gens = paced_rl.make_generators(seeds, device)
+    resp = paced_rl.generate(policy.lm, pid, pmask, cfg.group_size, gens, cfg.max_new_tokens, temperature, eos, pad)
+    rmask = paced_rl.response_mask(resp, eos)
+    texts = tokenizer.batch_decode(resp * rmask + pad * (1 - rmask), skip_special_tokens=True)
+    G = cfg.group_size
+    return pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask, texts
+
+
+@torch.no_grad()
+def evaluate(policy, tokenizer, toks, answers, emb, fn, cfg, device, rank, world, n_samples, temperature):
+    """Held-out accuracy sharded over all ranks; returns per-prompt (acc, p̂) for every prompt."""
+    sub = dataclasses.replace(cfg, group_size=n_samples)
+    mine = list(range(rank, len(toks), world))
+    recs = []
+    for i in range(0, len(mine), cfg.eval_batch):
+        idx = mine[i:i + cfg.eval_batch]
+        seeds = [seed_of(cfg.seed, 1, j) for j in idx]  # same noise at every evaluation: less noisy curves
+        _, _, _, _, texts = rollout(policy, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)
+        p_hat = (cfg.beta * policy.logz(emb[idx].to(device))).tolist()
+        for k, j in enumerate(idx):
+            r, _ = verify.score(fn, texts[k * n_samples:(k + 1) * n_samples], [answers[j]] * n_samples)
+            recs.append((j, sum(r) / n_samples, p_hat[k]))
+    recs = sorted(sum(gather(recs, world), []))
+    acc = np.array([r[1] for r in recs])
+    p_hat = np.array([r[2] for r in recs])
+    return acc, p_hat
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        return None  # undefined: logged as null, never as a fake number
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def ckpt_dirs(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{6}", d))
+
+
+def save_checkpoint(cfg, policy, tokenizer, opt, step, rollouts, pool, buf, replay_rng, rank):
+    """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept."""
+    if rank != 0:
+        return
+    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.lm.save_pretrained(os.path.join(tmp, "model"))
+    tokenizer.save_pretrained(os.path.join(tmp, "model"))
+    torch.save({"logz": policy.logz.state_dict(), "opt": opt.state_dict(), "step": step, "rollouts": rollouts,
+                "pool": pool.state_dict(), "replay": buf.state_dict(), "replay_rng": replay_rng.bit_generator.state,
+                "config": dataclasses.asdict(cfg)}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_ckpts]:
+        shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+
+
+def load_run_config(run_dir: str, overrides: dict) -> Config:
+    dirs = ckpt_dirs(run_dir)
+    if not dirs:
+        raise SystemExit(f"resume: no checkpoint (ckpt_NNNNNN) in {run_dir}")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    return Config(**{**saved, **overrides, "resume": run_dir, "out_dir": run_dir})
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_run_config(overrides["resume"], overrides) if overrides.get("resume") else Config(**overrides)
+    check_config(cfg)
+    rank, world, device = setup_distributed(cfg)
+    log = lambda *a: print0(*a, rank=rank)  # noqa: E731
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"config: prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+    # the bundled testbed is built on first use (rank 0 builds, the others wait)
+    tb = os.path.normpath(cfg.testbed_dir)
+    if any(os.path.normpath(p).startswith(tb + os.sep) for p in (cfg.model, cfg.train_data, cfg.eval_data)):
+        if rank == 0:
+            import testbed
+            testbed.ensure(cfg.testbed_dir, log=log)
+        if world > 1:
+            dist.barrier()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start_ckpt = os.path.join(cfg.out_dir, ckpt_dirs(cfg.out_dir)[-1]) if cfg.resume else None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"model: the tokenizer of {cfg.model} has no EOS token; responses could never end")
+    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field)
+    eval_rows = load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field)
+    overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
+    if overlap:
+        log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
+    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log), cfg.max_prompt_tokens, cfg.train_data, log)
+    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None), cfg.max_prompt_tokens, cfg.eval_data, log)
+    fn = verify.get_verifier(cfg.verifier)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank == 0 and not cfg.resume:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+    # frozen prompt embeddings e(x) of the *initial* model: computed once, sharded, cached next to the run
+    emb_path = os.path.join(cfg.out_dir, "prompt_emb.pt")
+    if os.path.exists(emb_path):
+        emb = torch.load(emb_path)
+        emb_train, emb_eval = emb["train"], emb["eval"]
+    else:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        all_toks = train_toks + eval_toks
+        mine = list(range(rank, len(all_toks), world))
+        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], tokenizer.pad_token_id, cfg.eval_batch, device)
+        parts = gather((mine, part), world)
+        emb_all = torch.zeros(len(all_toks), base.config.hidden_size)
+        for idx, e in parts:
+            emb_all[idx] = e
+        emb_train, emb_eval = emb_all[:len(train_toks)], emb_all[len(train_toks):]
+        del base
+        if rank == 0:
+            torch.save({"train": emb_train, "eval": emb_eval}, emb_path + ".tmp")
+            os.replace(emb_path + ".tmp", emb_path)
+
+    # the policy: same weights on every rank (same files, same seed for Z_φ)
+    lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype).to(device)
+    torch.manual_seed(cfg.seed)
+    logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc)
+    logz.set_normalization(emb_train)
+    policy = paced_rl.Policy(lm, logz).to(device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+                             {"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0}])
+    pool = scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select == "paced" else cfg.prompts_per_step, cfg.seed)
+    buf = replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k)
+    replay_rng = np.random.default_rng(seed_of(cfg.seed, 2))
+    step, rollouts = 0, 0
+    if start_ckpt:
+        st = torch.load(os.path.join(start_ckpt, "state.pt"), weights_only=False)
+        logz.load_state_dict(st["logz"])
+        opt.load_state_dict(st["opt"])
+        pool.load_state_dict(st["pool"])
+        buf.load_state_dict(st["replay"])
+        replay_rng.bit_generator.state = st["replay_rng"]
+        step, rollouts = st["step"], st["rollouts"]
+        log(f"resumed {start_ckpt} at step {step}")
+
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0:  # drop rows past the checkpoint: they will be recomputed
+        rows = [json.loads(l) for l in open(metrics_path)] if (start_ckpt and os.path.exists(metrics_path)) else []
+        with open(metrics_path, "w") as f:
+            for r in rows:
+                if r["step"] < step:
+                    f.write(json.dumps(r) + "\n")
+
+    def write_metrics(row):
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def eval_metrics():
+        acc, p_hat = evaluate(policy, tokenizer, eval_toks, [r["answer"] for r in eval_rows], emb_eval, fn, cfg,
+                              device, rank, world, cfg.eval_samples, cfg.temperature)
+        return {"eval_acc": float(acc.mean()), "eval_acc_est_corr": pearson(p_hat, acc),
+                "eval_acc_est_abs_err": float(np.abs(p_hat - acc).mean())}
+
+    B, G, beta = cfg.prompts_per_step, cfg.group_size, cfg.beta
+    emb_train_dev = emb_train.to(device)
+    p_hat_of = lambda idx: (beta * policy.logz(emb_train_dev[torch.as_tensor(idx, device=device)])).detach().cpu().numpy()  # noqa: E731
+    answers = [r["answer"] for r in train_rows]
+    bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, desc="train")
+    for step in bar:
+        row = {"step": step}
+        if step % cfg.eval_every == 0:
+            row.update(eval_metrics())
+        t0 = time.time()
+
+        # 1. select B prompts (identical on every rank), then shard them
+        with torch.no_grad():
+            chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select)
+            p_hat_sel = p_hat_of(chosen)
+        mine = list(range(rank, B, world))
+        idx = [int(chosen[i]) for i in mine]
+
+        # 2. roll out G responses per prompt, seeded per prompt (not per rank); π_old = π_θ now
+        policy.eval()
+        seeds = [seed_of(cfg.seed, 0, step, j) for j in idx]
+        pid, pmask, resp, rmask, texts = rollout(policy, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
+        with torch.no_grad():
+            logp_old, n_tok = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
+
+        # 3. verify
+        rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)])
+        reward = torch.tensor(rewards, device=device)
+        acc_local = reward.view(-1, G).mean(1).cpu().numpy()
+        truncated = int((rmask.sum(1) == rmask.size(1)).logical_and(resp[:, -1] != tokenizer.eos_token_id).sum())
+
+        # 4. replay: draw from earlier steps (same draw on every rank), then add this step's correct samples
+        drawn = buf.sample(cfg.replay_per_step, replay_rng) if cfg.replay == "on" else []
+        if cfg.replay == "on":
+            cands = []
+            for k, j in enumerate(idx):
+                e = float(replay_lib.estimate_error(acc_local[k], p_hat_sel[mine[k]]))
+                for g in range(G):
+                    if rewards[k * G + g] == 1.0:
+                        n = int(rmask[k * G + g].sum())
+                        cands.append({"prompt": j, "response": resp[k * G + g, :n].tolist(), "priority": e,
+                                      "logp_behavior": float(logp_old[k * G + g])})
+            cands = sorted(sum(gather(cands, world), []), key=lambda c: (c["prompt"], c["response"]))
+            buf.add(cands)
+        my_replay = drawn[rank::world]
+
+        # 5. one optimizer step on the TB loss over fresh + replayed samples
+        policy.train()
+        n_global = B * G + len(drawn)
+        log_z = policy.logz(emb_train_dev[torch.tensor(idx, device=device)]).repeat_interleave(G)  # (nG,)
+        logp, _ = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
+        loss = tb_loss.paced_tb_loss(log_z, logp, logp_old, reward, beta, denom=n_global)
+        if my_replay:
+            r_pid, r_pmask = paced_rl.left_pad([train_toks[e["prompt"]] for e in my_replay], tokenizer.pad_token_id, device)
+            r_resp, r_mask = paced_rl.left_pad([e["response"][::-1] for e in my_replay], tokenizer.pad_token_id, device)
+            r_resp, r_mask = r_resp.flip(1), r_mask.flip(1)  # right-padded responses
+            r_logp = paced_rl.sequence_logprobs(policy.lm, r_pid, r_pmask, r_resp, r_mask, cfg.temperature)[0]
+            r_cur = r_logp.detach()
+            r_beh = torch.tensor([e["logp_behavior"] for e in my_replay], device=device)
+            r_anchor = r_cur if cfg.replay_anchor == "current" else r_beh
+            w = (r_cur - r_beh).exp().clamp(max=cfg.replay_is_clip) if cfg.replay_is_clip > 0 else None
+            r_logz = policy.logz(emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)])
+            if not cfg.replay_trains_logz:
+                r_logz = r_logz.detach()
+            loss = loss + tb_loss.paced_tb_loss(r_logz, r_logp, r_anchor, torch.ones_like(r_logp), beta, weight=w, denom=n_global)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(params, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        rollouts += B * G
+
+        # β·KL(π_old ‖ π_θ) after the update, on the fresh samples (Proposition 4.1's gap)
+        policy.eval()
+        with torch.no_grad():
+            logp_new, _ = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
+            kl_sum = float(tb_loss.kl_k3(logp_old, logp_new).sum())
+
+        # 6. metrics over all ranks
+        recs = sorted(sum(gather([(j, float(a), float(p_hat_sel[mine[k]])) for k, (j, a) in enumerate(zip(idx, acc_local))], world), []))
+        acc_all, p_all = np.array([r[1] for r in recs]), np.array([r[2] for r in recs])
+        tot = lambda x: all_sum(float(x), world, device)  # noqa: E731
+        row.update({
+            "rollouts": rollouts,
+            "reward_mean": tot(reward.sum()) / (B * G),
+            "loss": tot(loss.item()),
+            "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()),
+            "acc_est_corr": pearson(p_all, acc_all),
+            "p_hat_mean": float(p_all.mean()),
+            "beta_kl": beta * tot(kl_sum) / (B * G),
+            "zero_var_frac": float(np.mean((acc_all == 0) | (acc_all == 1))),
+            "resp_len": tot(n_tok.sum()) / (B * G),
+            "truncated_frac": tot(truncated) / (B * G),
+            "verifier_errors": int(tot(verr)),
+            "replay_size": len(buf),
+            "replayed": len(drawn),
+            "grad_norm": float(gnorm),
+            "step_s": time.time() - t0,
+        })
+        if not math.isfinite(row["loss"]):
+            raise SystemExit(f"step {step}: loss is {row['loss']}")
+        write_metrics(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", err=f"{row['acc_est_abs_err']:.2f}",
+                        **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
+        if row["zero_var_frac"] > 0.8 and step % cfg.eval_every == 0:
+            log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg, policy, tokenizer, opt, step + 1, rollouts, pool, buf, replay_rng, rank)
+
+    final_step = cfg.max_steps
+    row = {"step": final_step, "rollouts": rollouts, **eval_metrics()}
+    write_metrics(row)
+    log(f"done: step {final_step}, held-out accuracy {row['eval_acc']:.3f}, "
+        f"calibration corr {row['eval_acc_est_corr']}, metrics in {metrics_path}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return row
+
+
+if __name__ == "__main__":
+    main()
