@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import eval as eval_lib
 import paced_rl
 import replay as replay_lib
 import scheduler
@@ -265,46 +266,19 @@ def seed_of(*parts) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-# ----------------------------------------------------------------------------- rollouts and evaluation
+# ----------------------------------------------------------------------------- rollouts
 
 
-def rollout(policy, tokenizer, prompt_toks, seeds, cfg, device, temperature):
+def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
     """Generate G responses per prompt; returns padded tensors and the decoded responses."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pid, pmask = paced_rl.left_pad(prompt_toks, pad, device)
     gens = paced_rl.make_generators(seeds, device)
-    resp = paced_rl.generate(policy.lm, pid, pmask, cfg.group_size, gens, cfg.max_new_tokens, temperature, eos, pad)
+    resp = paced_rl.generate(lm, pid, pmask, cfg.group_size, gens, cfg.max_new_tokens, temperature, eos, pad)
     rmask = paced_rl.response_mask(resp, eos)
     texts = tokenizer.batch_decode(resp * rmask + pad * (1 - rmask), skip_special_tokens=True)
     G = cfg.group_size
     return pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask, texts
-
-
-@torch.no_grad()
-def evaluate(policy, tokenizer, toks, answers, emb, fn, cfg, device, rank, world, n_samples, temperature):
-    """Held-out accuracy sharded over all ranks; returns per-prompt (acc, p̂) for every prompt."""
-    sub = dataclasses.replace(cfg, group_size=n_samples)
-    mine = list(range(rank, len(toks), world))
-    recs = []
-    for i in range(0, len(mine), cfg.eval_batch):
-        idx = mine[i:i + cfg.eval_batch]
-        seeds = [seed_of(cfg.seed, 1, j) for j in idx]  # same noise at every evaluation: less noisy curves
-        _, _, _, _, texts = rollout(policy, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)
-        p_hat = (cfg.beta * policy.logz(emb[idx].to(device))).tolist()
-        for k, j in enumerate(idx):
-            r, _ = verify.score(fn, texts[k * n_samples:(k + 1) * n_samples], [answers[j]] * n_samples)
-            recs.append((j, sum(r) / n_samples, p_hat[k]))
-    recs = sorted(sum(gather(recs, world), []))
-    acc = np.array([r[1] for r in recs])
-    p_hat = np.array([r[2] for r in recs])
-    return acc, p_hat
-
-
-def pearson(a, b):
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        return None  # undefined: logged as null, never as a fake number
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -351,6 +325,25 @@ def load_run_config(run_dir: str, overrides: dict) -> Config:
 def main(argv=None):
     overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_run_config(overrides["resume"], overrides) if overrides.get("resume") else Config(**overrides)
+    return train(cfg)["final"]
+
+
+def param_checksum(params) -> float:
+    return float(sum(p.detach().double().pow(2).sum() + p.detach().double().sum() for p in params))
+
+
+def check_ranks_agree(params, world, device):
+    """Raise if the ranks' parameters have drifted apart (they must be bitwise equal)."""
+    c = param_checksum(params)
+    if world > 1:
+        cs = gather(c, world)
+        if len(set(cs)) > 1:
+            raise RuntimeError(f"ranks disagree on parameters: checksums {cs}")
+    return c
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}."""
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
     log = lambda *a: print0(*a, rank=rank)  # noqa: E731
@@ -446,13 +439,16 @@ def main(argv=None):
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    B, G, beta = cfg.prompts_per_step, cfg.group_size, cfg.beta
+
     def eval_metrics():
-        acc, p_hat = evaluate(policy, tokenizer, eval_toks, [r["answer"] for r in eval_rows], emb_eval, fn, cfg,
-                              device, rank, world, cfg.eval_samples, cfg.temperature)
-        return {"eval_acc": float(acc.mean()), "eval_acc_est_corr": pearson(p_hat, acc),
+        acc = eval_lib.sampled_accuracy(policy.lm, tokenizer, eval_toks, [r["answer"] for r in eval_rows], fn, cfg,
+                                        device, rank, world, cfg.eval_samples, cfg.temperature)
+        with torch.no_grad():
+            p_hat = (beta * policy.logz(emb_eval.to(device))).cpu().numpy()
+        return {"eval_acc": float(acc.mean()), "eval_acc_est_corr": eval_lib.pearson(p_hat, acc),
                 "eval_acc_est_abs_err": float(np.abs(p_hat - acc).mean())}
 
-    B, G, beta = cfg.prompts_per_step, cfg.group_size, cfg.beta
     emb_train_dev = emb_train.to(device)
     p_hat_of = lambda idx: (beta * policy.logz(emb_train_dev[torch.as_tensor(idx, device=device)])).detach().cpu().numpy()  # noqa: E731
     answers = [r["answer"] for r in train_rows]
@@ -473,7 +469,7 @@ def main(argv=None):
         # 2. roll out G responses per prompt, seeded per prompt (not per rank); π_old = π_θ now
         policy.eval()
         seeds = [seed_of(cfg.seed, 0, step, j) for j in idx]
-        pid, pmask, resp, rmask, texts = rollout(policy, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
+        pid, pmask, resp, rmask, texts = rollout(policy.lm, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
         with torch.no_grad():
             logp_old, n_tok = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
 
@@ -539,7 +535,7 @@ def main(argv=None):
             "reward_mean": tot(reward.sum()) / (B * G),
             "loss": tot(loss.item()),
             "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()),
-            "acc_est_corr": pearson(p_all, acc_all),
+            "acc_est_corr": eval_lib.pearson(p_all, acc_all),
             "p_hat_mean": float(p_all.mean()),
             "beta_kl": beta * tot(kl_sum) / (B * G),
             "zero_var_frac": float(np.mean((acc_all == 0) | (acc_all == 1))),
@@ -559,17 +555,19 @@ def main(argv=None):
         if row["zero_var_frac"] > 0.8 and step % cfg.eval_every == 0:
             log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            check_ranks_agree(params, world, device)
             save_checkpoint(cfg, policy, tokenizer, opt, step + 1, rollouts, pool, buf, replay_rng, rank)
 
     final_step = cfg.max_steps
-    row = {"step": final_step, "rollouts": rollouts, **eval_metrics()}
+    row = {"step": final_step, "rollouts": rollouts, **eval_metrics(),
+           "param_checksum": check_ranks_agree(params, world, device)}
     write_metrics(row)
     log(f"done: step {final_step}, held-out accuracy {row['eval_acc']:.3f}, "
         f"calibration corr {row['eval_acc_est_corr']}, metrics in {metrics_path}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return row
+    return {"final": row, "policy": policy}
 
 
 if __name__ == "__main__":
