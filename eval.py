@@ -96,7 +96,7 @@ def main(argv):
             import paced_rl
             st = torch.load(state, weights_only=False)
             emb = torch.load(os.path.join(run, "prompt_emb.pt"))["eval"]
-            head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc)
+            head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
             head.load_state_dict(st["logz"])
             with torch.no_grad():
                 row.update(calibration((cfg.beta * head(emb)).numpy(), acc))

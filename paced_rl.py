@@ -19,26 +19,33 @@
   pad == EOS (a trap of public RL code, STYLE.md).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
 
 class LogZHead(nn.Module):
-    """log Z_φ(x) = MLP((e(x) − μ) / σ) / β, a scalar per prompt.
+    """log Z_φ(x) = σ(MLP((e(x) − μ) / σ_e)) / β, a scalar per prompt.
 
-    The MLP's output is in accuracy units (it *is* p̂), so Adam's step size reads as "accuracy per
-    step" whatever β is; a raw log Z head would need its learning rate scaled by 1/β.
+    The head's output is in accuracy units (it *is* p̂), so Adam's step size reads as "accuracy per
+    step" whatever β is; a raw log Z head would need its learning rate scaled by 1/β. The sigmoid
+    (output="sigmoid", our default) keeps p̂ in [0, 1] for prompts far from those trained on, where a
+    linear output extrapolates; it caps log Z at 1/β, which Proposition 4.1 exceeds only by the KL term.
     """
 
-    def __init__(self, dim: int, hidden: int, beta: float, init_acc: float):
+    def __init__(self, dim: int, hidden: int, beta: float, init_acc: float, output: str = "sigmoid"):
         super().__init__()
-        self.beta = beta
+        if output not in ("sigmoid", "linear"):
+            raise ValueError(f"LogZHead: output must be 'sigmoid' or 'linear', got {output!r}")
+        self.beta, self.output = beta, output
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)  # all prompts start with the same estimate
-        nn.init.constant_(self.net[-1].bias, init_acc)
+        p0 = min(max(init_acc, 1e-4), 1 - 1e-4)
+        nn.init.constant_(self.net[-1].bias, math.log(p0 / (1 - p0)) if output == "sigmoid" else init_acc)
 
     def set_normalization(self, emb: torch.Tensor):
         """Standardize features with statistics of the training prompts' embeddings (N, D)."""
@@ -46,7 +53,8 @@ class LogZHead(nn.Module):
         self.sigma.copy_(emb.std(0).clamp(min=1e-6))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        return self.net((emb.float() - self.mu) / self.sigma).squeeze(-1) / self.beta
+        out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
+        return (torch.sigmoid(out) if self.output == "sigmoid" else out) / self.beta
 
 
 class Policy(nn.Module):

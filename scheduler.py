@@ -7,6 +7,8 @@ group whose G rewards are all equal carries no learning signal). What the paper 
 our choice: the candidates come from a pool of `pool_size` prompts drawn without replacement
 through an epoch (a shuffled pass over the data); `pool_size = 0` scores the whole data set each
 step. In uniform mode (the GRPO / FlowRL baseline) the first k of the pool are taken.
+Exploration (ours, `explore_frac`): a share of the B slots goes to pool candidates the greedy rule
+passed over, so that estimates far from τ keep being checked against observed accuracy.
 Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same prompts.
 """
 
@@ -55,11 +57,19 @@ class PromptPool:
         self._perm = self._permutation()
 
 
-def choose_prompts(pool: PromptPool, p_hat_fn, k: int, tau: float, mode: str) -> np.ndarray:
-    """One step of prompt selection: data-set indices of the k prompts to roll out."""
+def choose_prompts(pool: PromptPool, p_hat_fn, k: int, tau: float, mode: str, n_explore: int = 0) -> np.ndarray:
+    """One step of prompt selection: data-set indices of the k prompts to roll out.
+
+    In paced mode, `n_explore` of the k slots go to candidates the greedy rule passed over, taken in
+    pool order (a uniform draw, since the pool is a random permutation). Greedy selection alone never
+    revisits a prompt whose estimate is far from τ, so a wrong estimate there is never corrected.
+    """
     cand = pool.next()
     if mode == "uniform":
         return cand[:k]
-    if mode == "paced":
-        return cand[select(p_hat_fn(cand), k, tau)]
-    raise ValueError(f"select mode must be 'paced' or 'uniform', got {mode!r}")
+    if mode != "paced":
+        raise ValueError(f"select mode must be 'paced' or 'uniform', got {mode!r}")
+    order = select(p_hat_fn(cand), len(cand), tau)  # every candidate, nearest to τ first
+    greedy = order[:k - n_explore]
+    rest = np.sort(order[k - n_explore:])[:n_explore]
+    return cand[np.concatenate([greedy, rest])]

@@ -71,8 +71,10 @@ class Config:
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
     tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
     select: str = "paced"  # paced: B candidates nearest τ | uniform: the first B of the pool (baseline)
+    explore_frac: float = 0.25  # share of the B prompts drawn uniformly from the rest of the pool (ours)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
+    logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
     logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
     # --- replay
     replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories
@@ -86,7 +88,7 @@ class Config:
     lr: float = 3e-5  # policy learning rate (AdamW). RL collapses at SFT rates; paper: 1e-6 at 1.5B
     logz_lr: float = 1e-3  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
-    grad_clip: float = 1.0  # global grad-norm clip over θ and φ; 0 disables
+    grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
     eval_every: int = 20  # evaluate held-out prompts every this many steps (and at step 0 and the end)
     eval_samples: int = 8  # samples per held-out prompt at `temperature`
@@ -144,7 +146,7 @@ def parse_args(argv) -> dict:
 
 def check_config(cfg: Config):
     choices = {"select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
-               "dtype": ("float32", "bfloat16")}
+               "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
@@ -406,7 +408,7 @@ def train(cfg: Config) -> dict:
     # the policy: same weights on every rank (same files, same seed for Z_φ)
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype).to(device)
     torch.manual_seed(cfg.seed)
-    logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc)
+    logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
     logz.set_normalization(emb_train)
     policy = paced_rl.Policy(lm, logz).to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -461,7 +463,7 @@ def train(cfg: Config) -> dict:
 
         # 1. select B prompts (identical on every rank), then shard them
         with torch.no_grad():
-            chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select)
+            chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select, round(cfg.explore_frac * B))
             p_hat_sel = p_hat_of(chosen)
         mine = list(range(rank, B, world))
         idx = [int(chosen[i]) for i in mine]
@@ -516,7 +518,7 @@ def train(cfg: Config) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         rollouts += B * G
 
