@@ -49,7 +49,7 @@ class Config:
     out_dir: str = "runs/paced"  # metrics.jsonl, checkpoints and the prompt-embedding cache go here
     seed: int = 0  # seeds the pool order, the sampling noise of every prompt, Z_φ init, replay draws
     resume: str = ""  # a run directory: continue from its newest checkpoint (its config, then CLI overrides)
-    max_steps: int = 120  # optimizer steps; the paper runs 150 on DeepScaleR
+    max_steps: int = 250  # optimizer steps; the paper runs 150 on DeepScaleR
     device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
     dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
     dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
@@ -63,7 +63,7 @@ class Config:
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
     # --- rollouts
-    prompts_per_step: int = 16  # B, prompts per step over all ranks (divisible by the world size)
+    prompts_per_step: int = 32  # B, prompts per step over all ranks (divisible by the world size)
     group_size: int = 8  # G, responses per prompt (paper: 8)
     max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
@@ -85,15 +85,15 @@ class Config:
     replay_is_clip: float = 1.0  # replayed weight min(clip, π_θold/π_behavior), detached; 0 = no weight
     replay_trains_logz: bool = False  # correct-only samples would push log Z_φ (so p̂) up: off
     # --- optimization
-    lr: float = 3e-5  # policy learning rate (AdamW). RL collapses at SFT rates; paper: 1e-6 at 1.5B
-    logz_lr: float = 1e-3  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
+    lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
+    logz_lr: float = 3e-3  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
-    eval_every: int = 20  # evaluate held-out prompts every this many steps (and at step 0 and the end)
-    eval_samples: int = 8  # samples per held-out prompt at `temperature`
+    eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
+    eval_samples: int = 16  # samples per held-out prompt at `temperature`
     eval_batch: int = 64  # held-out prompts per generation batch
-    ckpt_every: int = 20  # write a checkpoint every this many steps (and at the end)
+    ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
 
 
