@@ -105,9 +105,9 @@ def main(argv):
     log("| model | sampled acc | greedy acc | prompts with 0.1<acc<0.9 | p̂ corr | mean abs(p̂−a) |")
     log("|---|---|---|---|---|---|")
     for r in table:
-        c = r.get("acc_est_corr")
+        c, e = r.get("acc_est_corr"), r.get("acc_est_abs_err")
         log(f"| {r['model']} | {r['sampled']:.3f} | {r['greedy']:.3f} | {r['mid_frac']:.2f} | "
-            f"{'' if c is None else f'{c:.2f}'} | {r.get('acc_est_abs_err', float('nan')):.3f} |")
+            f"{'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
     if world > 1:
         dist.destroy_process_group()
     return table

@@ -156,13 +156,23 @@ def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperat
 
 
 @torch.no_grad()
-def prompt_embeddings(lm, prompt_token_lists: list, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Mean over prompt tokens of the last hidden state: the frozen e(x) that Z_φ reads. (N, H)"""
+def prompt_embeddings(lm, prompt_token_lists: list, pad_id: int, batch_size: int, device,
+                      pool: str = "mean") -> torch.Tensor:
+    """The frozen e(x) that Z_φ reads, from the last hidden state over the prompt tokens.
+
+    pool="mean": the mean over prompt tokens, (N, H). pool="mean_last": that mean concatenated with
+    the state at the prompt's last token, the position that predicts the first response token, (N, 2H).
+    """
+    if pool not in ("mean", "mean_last"):
+        raise ValueError(f"prompt_embeddings: pool must be 'mean' or 'mean_last', got {pool!r}")
     embs = []
     for i in range(0, len(prompt_token_lists), batch_size):
         ids, mask = left_pad(prompt_token_lists[i:i + batch_size], pad_id, device)
         h = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                output_hidden_states=True).hidden_states[-1].float()  # (b, T, H)
         m = mask.unsqueeze(-1).float()
-        embs.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        if pool == "mean_last":
+            e = torch.cat([e, h[:, -1]], -1)  # left padding: the last position is the last prompt token
+        embs.append(e.cpu())
     return torch.cat(embs) if embs else torch.zeros(0)

@@ -74,6 +74,7 @@ class Config:
     explore_frac: float = 0.25  # share of the B prompts drawn uniformly from the rest of the pool (ours)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
+    logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
     logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
     logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
     # --- replay
@@ -86,7 +87,7 @@ class Config:
     replay_trains_logz: bool = False  # correct-only samples would push log Z_φ (so p̂) up: off
     # --- optimization
     lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
-    logz_lr: float = 3e-3  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
+    logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
@@ -146,7 +147,8 @@ def parse_args(argv) -> dict:
 
 def check_config(cfg: Config):
     choices = {"select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
-               "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear")}
+               "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
+               "logz_features": ("mean", "mean_last")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
@@ -380,6 +382,9 @@ def train(cfg: Config) -> dict:
     eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None), cfg.max_prompt_tokens, cfg.eval_data, log)
     fn = verify.get_verifier(cfg.verifier)
 
+    if not cfg.resume and ckpt_dirs(cfg.out_dir):
+        raise SystemExit(f"{cfg.out_dir} already holds checkpoints of a run: continue it with --resume={cfg.out_dir}, "
+                         f"or start a new run with another --out_dir")
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0 and not cfg.resume:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -387,23 +392,25 @@ def train(cfg: Config) -> dict:
 
     # frozen prompt embeddings e(x) of the *initial* model: computed once, sharded, cached next to the run
     emb_path = os.path.join(cfg.out_dir, "prompt_emb.pt")
-    if os.path.exists(emb_path):
-        emb = torch.load(emb_path)
-        emb_train, emb_eval = emb["train"], emb["eval"]
-    else:
+    emb_key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data,
+               "n_train": len(train_toks), "n_eval": len(eval_toks)}
+    emb = torch.load(emb_path) if os.path.exists(emb_path) else None
+    if emb is None or emb.get("key") != emb_key:
         base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
         all_toks = train_toks + eval_toks
         mine = list(range(rank, len(all_toks), world))
-        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], tokenizer.pad_token_id, cfg.eval_batch, device)
-        parts = gather((mine, part), world)
-        emb_all = torch.zeros(len(all_toks), base.config.hidden_size)
-        for idx, e in parts:
-            emb_all[idx] = e
-        emb_train, emb_eval = emb_all[:len(train_toks)], emb_all[len(train_toks):]
+        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], tokenizer.pad_token_id, cfg.eval_batch,
+                                          device, cfg.logz_features)
+        parts = [(i, e) for i, e in gather((mine, part), world) if len(i)]
+        emb_all = torch.zeros(len(all_toks), parts[0][1].size(1))
+        for i, e in parts:
+            emb_all[i] = e
+        emb = {"key": emb_key, "train": emb_all[:len(train_toks)], "eval": emb_all[len(train_toks):]}
         del base
         if rank == 0:
-            torch.save({"train": emb_train, "eval": emb_eval}, emb_path + ".tmp")
+            torch.save(emb, emb_path + ".tmp")
             os.replace(emb_path + ".tmp", emb_path)
+    emb_train, emb_eval = emb["train"], emb["eval"]
 
     # the policy: same weights on every rank (same files, same seed for Z_φ)
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype).to(device)
