@@ -236,6 +236,8 @@ def test_choose_prompts_uniform_and_paced():
     pool = scheduler.PromptPool(8, 8, seed=0)  # pool = whole set: arange(8)
     assert scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "paced").tolist() == [5, 4]
     assert scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "uniform").tolist() == [0, 1]
+    # exploration: the last slot goes to the lowest pool position the greedy rule passed over (0)
+    assert scheduler.choose_prompts(pool, lambda idx: p[idx], 3, 0.5, "paced", n_explore=1).tolist() == [5, 4, 0]
     with pytest.raises(ValueError, match="'paced' or 'uniform'"):
         scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "greedy")
 
@@ -359,6 +361,12 @@ def test_training_run_learns(small_testbed, tmp_path):
     assert rows[-1]["rollouts"] == 30 * 8 * 8
     assert {"beta_kl", "zero_var_frac", "resp_len", "step_s", "acc_est_corr", "reward_mean"} <= set(rows[-1])
     assert "eval_acc" in rows[0] and "eval_acc_est_corr" in read_metrics(out)[-1]
+    import eval as eval_lib
+
+    table = eval_lib.main([f"--run={out}", "--eval_samples=2"])
+    assert [r["model"] for r in table] == ["initial", "ckpt_000030"]
+    assert all(0 <= r["sampled"] <= 1 and 0 <= r["greedy"] <= 1 for r in table)
+    assert "acc_est_corr" in table[1] and "acc_est_corr" not in table[0]
 
 
 def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
@@ -372,6 +380,8 @@ def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
         ra.pop("step_s", None), rb.pop("step_s", None)
         assert ra == rb
     assert any(r["replayed"] > 0 for r in a)  # the replay buffer was part of the resumed state
+    with pytest.raises(SystemExit, match="already holds checkpoints"):  # a new run never overwrites one
+        train.main(run_args(small_testbed, full, max_steps=2))
 
 
 def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
