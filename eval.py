@@ -49,7 +49,7 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
         seeds = [train.seed_of(cfg.seed, 1, j) for j in idx]
         texts = train.rollout(lm, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)[-1]
         for k, j in enumerate(idx):
-            r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n)
+            r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n, cfg.verifier_workers)
             recs.append((j, sum(r) / n))
     recs = sorted(sum(train.gather(recs, world), []))
     return np.array([a for _, a in recs])
@@ -71,7 +71,7 @@ def main(argv):
     cfg = train.Config(**{**base, **overrides})
     rank, world, device = train.setup_distributed(cfg)
     log = lambda *a: train.print0(*a, rank=rank)  # noqa: E731
-    rows = train.load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field)
+    rows = train.load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
     fn = train.verify.get_verifier(cfg.verifier)
     targets = []  # (name, model dir, state.pt or None)
     if run:

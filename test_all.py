@@ -393,7 +393,7 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", *[a.replace("=X", "=" + two) for a in args]],
                        cwd=HERE, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
     # train.py raises if the ranks' parameters (θ and φ) differ at a checkpoint or at the end
     assert "ranks disagree" not in p.stderr
     a, b = read_metrics(one), read_metrics(two)
@@ -404,3 +404,288 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
         for k in ("reward_mean", "loss", "acc_est_abs_err", "zero_var_frac", "resp_len", "eval_acc", "param_checksum"):
             if k in ra:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+
+
+# ----------------------------------------------------------------------------- code verifier and its sandbox
+
+FAST = verify.SandboxLimits(timeout_s=3.0, cpu_s=1, memory_mb=256, output_mb=1, tmpfs_mb=8, nproc=16)
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
+
+
+def fenced(src):
+    return f"Here is my solution.\n```python\n{src}\n```\n"
+
+
+def nobody_processes():
+    out = subprocess.run(["ps", "-u", "65534", "-o", "pid="], capture_output=True, text=True).stdout
+    return out.split()
+
+
+def test_code_reward_correct_and_wrong_programs():
+    io_tests = [{"input": "3\n", "output": "6\n"}, {"input": "5", "output": "10"}]
+    assert verify.code_reward(fenced("print(int(input()) * 2)"), io_tests, limits=FAST) == 1.0
+    assert verify.code_reward(fenced("print(6)"), io_tests, limits=FAST) == 0.5
+    assert verify.code_reward(fenced("print(6)"), io_tests, all_or_nothing=True, limits=FAST) == 0.0
+    assert verify.code_reward("no code here", io_tests, limits=FAST) == 0.0
+    # the last fenced block counts
+    assert verify.code_reward(fenced("print(0)") + fenced("import sys\nprint(int(sys.stdin.read()) * 2)"), io_tests, limits=FAST) == 1.0
+    call = [{"fn_name": "f", "input": [2, 3], "output": [5, 6]}, {"fn_name": "f", "input": [1, 1], "output": [2, 1]}]
+    assert verify.code_reward(fenced("def f(a, b):\n    return (a + b, a * b)"), call, limits=FAST) == 1.0
+    assert verify.code_reward(fenced("def f(a, b):\n    return [a + b, 0]"), call, limits=FAST) == 0.0
+    cls = [{"fn_name": "third", "input": [1], "output": 0.333333333}]
+    assert verify.code_reward(fenced("class Solution:\n    def third(self, x):\n        return x / 3"), cls, limits=FAST) == 1.0
+    # tests given as a JSON string, as in DeepCoder's files
+    assert verify.code_reward(fenced("print(input())"), json.dumps([{"input": "hi", "output": "hi"}]), limits=FAST) == 1.0
+
+
+def test_code_tests_malformed_are_named():
+    with pytest.raises(ValueError, match="code test 1 must be a dict with 'input' and 'output'"):
+        verify.parse_tests([{"input": "1", "output": "1"}, {"input": "2"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        verify.parse_tests([])
+    r, err = verify.score(verify.code_reward, [fenced("print(1)")], [[{"output": "1"}]])
+    assert r == [0.0] and err == 1  # a broken test case is a verifier fault: reward 0, counted
+
+
+ATTACKS = {
+    "infinite_loop": ("while True:\n    pass", "never"),
+    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", "never"),
+    "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(10 ** 7))", "never"),
+    "gigabytes_of_output": ("import sys\nb = 'x' * (1 << 20)\nwhile True:\n    sys.stdout.write(b)", "never"),
+    "fill_disk": ("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\n    i += 1", "never"),
+    "deep_recursion": ("import sys\nsys.setrecursionlimit(10 ** 7)\ndef f(n):\n    return f(n + 1) + 1\nf(0)", "never"),
+    "os_exit": ("import os\nos._exit(0)", "never"),
+    "setsid_escape": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('ok')", "never"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_is_contained(name):
+    src, expected = ATTACKS[name]
+    before = set(nobody_processes())
+    t0 = __import__("time").time()
+    assert verify.code_reward(fenced(src), [{"input": "", "output": expected}], limits=FAST) == 0.0
+    assert __import__("time").time() - t0 < FAST.timeout_s + 3  # the wall-clock limit holds
+    if IS_ROOT:
+        assert set(nobody_processes()) <= before  # nothing left running
+    assert not [d for d in os.listdir(__import__("tempfile").gettempdir()) if d.startswith("paced_sandbox_")]
+
+
+def test_attack_secret_from_environment(monkeypatch):
+    monkeypatch.setenv("PACED_SECRET", "hunter2")
+    src = "import os\nprint(os.environ.get('PACED_SECRET'))"
+    assert verify.code_reward(fenced(src), [{"input": "", "output": "hunter2"}], limits=FAST) == 0.0
+    src = "import os\nprint('hunter2' in open(f'/proc/{os.getppid()}/environ').read())"
+    assert verify.code_reward(fenced(src), [{"input": "", "output": "True"}], limits=FAST) == 0.0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="network and file-system isolation need root (namespaces); README says so")
+def test_attack_network_and_writes_outside(tmp_path):
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    srv.settimeout(0.2)
+    port = srv.getsockname()[1]
+    src = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    assert verify.code_reward(fenced(src), [{"input": "", "output": "connected"}], limits=FAST) == 0.0
+    with pytest.raises(socket.timeout):
+        srv.accept()  # no connection ever arrived
+    targets = [str(tmp_path / "escape"), os.path.join(HERE, "ESCAPE"), "/tmp/paced_escape", "/dev/shm/paced_escape",
+               "/var/tmp/paced_escape", "../paced_escape"]
+    src = "n = 0\nfor p in %r:\n    try:\n        open(p, 'w').write('x'); n += 1\n    except OSError:\n        pass\nprint(n)" % targets
+    out, _ = verify.run_sandboxed(verify.extract_code(fenced(src)), {"mode": "stdio", "stdin": ""}, FAST)
+    assert out.strip() == "3"  # the private tmpfs copies of /tmp, /dev/shm, /var/tmp: they vanish with it
+    assert not any(os.path.exists(p) for p in targets[:5])
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="without root the program runs as your user and could signal you")
+def test_attack_signal_parent_and_training_goes_on():
+    # the trainer's pid, and the sandbox's parent where one is visible: every kill must fail
+    src = ("import os, signal\nfor p in (%d, %d, os.getppid()):\n    if p > 0:\n        try:\n"
+           "            os.kill(p, signal.SIGKILL)\n        except OSError:\n            pass\nprint('done')" % (os.getpid(), os.getppid()))
+    rewards, errors = verify.score(verify.code_reward, [fenced(src)] * 4 + [fenced("print('done')")],
+                                   [[{"input": "", "output": "done"}]] * 5, workers=3)
+    assert rewards == [1.0] * 5 and errors == 0  # every signal failed; this process is alive to count
+
+
+# ----------------------------------------------------------------------------- fault tolerance
+
+
+@pytest.fixture(scope="module")
+def full_run(small_testbed, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full") / "run")
+    train.main(run_args(small_testbed, out, max_steps=30, ckpt_every=2, keep_ckpts=3, eval_every=10))
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+
+def train_rows(out):
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+
+def same_rows(a, b, steps):
+    for s in steps:
+        ra, rb = dict(a[s]), dict(b[s])
+        ra.pop("step_s"), rb.pop("step_s")
+        assert ra == rb, s
+
+
+def start_run(args):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_step(out, step, proc, limit_s=120):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < limit_s:
+        path = os.path.join(out, "metrics.jsonl")
+        if os.path.exists(path) and any(f'"step": {step},' in l for l in open(path)):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never appeared")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(small_testbed, full_run, tmp_path):
+    out = str(tmp_path / "killed")
+    p = start_run(run_args(small_testbed, out, max_steps=30, ckpt_every=2, keep_ckpts=3, eval_every=10))
+    wait_for_step(out, 7, p)
+    p.kill()
+    p.wait()
+    train.main([f"--resume={out}"])
+    rows = train_rows(out)
+    assert sorted(rows) == list(range(30))
+    same_rows(full_run, rows, range(30))
+
+
+def test_sigint_checkpoints_and_stops_cleanly(small_testbed, full_run, tmp_path):
+    out = str(tmp_path / "interrupted")
+    p = start_run(run_args(small_testbed, out, max_steps=30, ckpt_every=100, eval_every=10))
+    wait_for_step(out, 4, p)
+    p.send_signal(__import__("signal").SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "stopped by signal SIGINT" in stdout and f"--resume={out}" in stdout
+    done = max(train_rows(out)) + 1
+    assert done < 30 and train.ckpt_dirs(out) == [f"ckpt_{done:06d}"]  # a checkpoint at the step it stopped
+    train.main([f"--resume={out}"])
+    same_rows(full_run, train_rows(out), range(30))
+
+
+def test_corrupt_checkpoint_is_named_and_skipped(small_testbed, full_run, tmp_path, capsys):
+    out = str(tmp_path / "corrupt")
+    train.main(run_args(small_testbed, out, max_steps=6, ckpt_every=2, keep_ckpts=3, eval_every=10))
+    assert train.ckpt_dirs(out) == ["ckpt_000002", "ckpt_000004", "ckpt_000006"]
+    state = os.path.join(out, "ckpt_000006", "state.pt")
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    weights = os.path.join(out, "ckpt_000004", "model", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="ckpt_000006/state.pt is truncated"):
+        train.check_checkpoint(os.path.join(out, "ckpt_000006"))
+    capsys.readouterr()
+    train.main([f"--resume={out}", "--max_steps=10"])
+    log = capsys.readouterr().out
+    assert "ckpt_000006/state.pt is truncated" in log and "model.safetensors is corrupt" in log
+    assert "resumed" in log and "ckpt_000002" in log  # fell back to the newest good one
+    same_rows(full_run, train_rows(out), range(10))
+    for d in train.ckpt_dirs(out):  # every checkpoint damaged: a clear error, no silent fresh start
+        os.remove(os.path.join(out, d, "manifest.json"))
+    with pytest.raises(SystemExit, match="no usable checkpoint in"):
+        train.main([f"--resume={out}"])
+    assert "manifest.json is missing or unreadable" in capsys.readouterr().out
+
+
+def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path, monkeypatch):
+    real = tb_loss.paced_tb_loss
+    calls = [0]
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 5 else loss
+
+    monkeypatch.setattr(tb_loss, "paced_tb_loss", flaky)
+    out = str(tmp_path / "nan")
+    res = train.train(train.Config(**train.parse_args(run_args(small_testbed, out, max_steps=6, replay="off"))))
+    rows = train_rows(out)
+    assert rows[4]["loss"] is None and rows[4]["skipped_updates"] == 1  # written as null, counted
+    assert rows[5]["skipped_updates"] == 1 and math.isfinite(rows[5]["loss"])
+    assert all(torch.isfinite(p).all() for p in res["policy"].parameters())
+
+
+def test_dead_rank_stops_the_others(small_testbed, tmp_path):
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import paced_rl, train
+real, calls = paced_rl.generate, [0]
+def generate(*a, **k):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 4:
+        os._exit(3)  # rank 1 dies in the middle of a step
+    return real(*a, **k)
+paced_rl.generate = generate
+train.main(sys.argv[1:])
+""")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *run_args(small_testbed, str(tmp_path / "dead"), max_steps=20, dist_timeout_s=30)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert time.time() - t0 < 120  # well within the process-group timeout plus start-up, no hang
+    assert "exitcode" in p.stderr and ": 3" in p.stderr  # torchrun names the rank that died and its exit code
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_bad_input_files(tmp_path):
+    good = json.dumps({"prompt": "1+1=", "answer": "2"})
+    cases = [
+        ("bad.jsonl", good + "\n{not json\n", r"bad.jsonl line 2: not valid JSON"),
+        ("list.jsonl", good + "\n[1, 2]\n", r"list.jsonl line 2: expected a JSON object, got list"),
+        ("empty.jsonl", "", r"empty.jsonl is empty"),
+        ("dict.jsonl", good + "\n" + json.dumps({"prompt": "2+2=", "answer": {"x": 1}}) + "\n",
+         r"dict.jsonl row 1: field 'answer': answer must be a string or a number, got dict"),
+        ("blank.jsonl", json.dumps({"prompt": "2+2=", "answer": " "}) + "\n", r"blank.jsonl row 0: field 'answer': answer is an empty string"),
+        ("noanswer.jsonl", good + "\n" + json.dumps({"prompt": "2+2="}) + "\n", r"noanswer.jsonl row 1: field 'answer' is missing"),
+        ("num.jsonl", json.dumps({"prompt": 7, "answer": "2"}) + "\n", r"num.jsonl row 0: field 'prompt' must be a non-empty string"),
+    ]
+    for name, text, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            train.load_prompts(write(tmp_path, name, text), "prompt", "answer")
+    # numbers are fine answers (AIME files hold integers): kept as strings
+    rows = train.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
+    assert rows == [{"prompt": "a", "answer": "42"}]
+    with pytest.raises(SystemExit, match=r"code.jsonl row 0: field 'answer': code test 0 must be a dict"):
+        train.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
+
+
+def test_long_prompts_are_skipped_and_counted():
+    said = []
+    rows, toks = train.drop_long([{"p": 1}, {"p": 2}, {"p": 3}], [[1] * 5, [1] * 50, [1] * 3], 10, "d.jsonl", said.append)
+    assert rows == [{"p": 1}, {"p": 3}] and said == ["d.jsonl: skipped 1 of 3 prompts longer than max_prompt_tokens=10"]
+    with pytest.raises(SystemExit, match="every prompt of d.jsonl is longer than max_prompt_tokens=2"):
+        train.drop_long([{"p": 1}], [[1] * 5], 2, "d.jsonl", said.append)
+
+
+def test_bad_config_values():
+    for args, msg in ((["--select=greedy"], "select='greedy'"), (["--tau=1.5"], "tau must be in"),
+                      (["--verifier=maths"], "verifier='maths'"), (["--group_size=0"], "group_size must be"),
+                      (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller")):
+        with pytest.raises(SystemExit, match=msg):
+            train.check_config(train.Config(**train.parse_args(args)))

@@ -20,12 +20,14 @@ importance weight and not training Z_φ. Run `python train.py --help` for every 
 
 import dataclasses
 import datetime
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -59,7 +61,8 @@ class Config:
     eval_data: str = "testbed/heldout.jsonl"  # held-out prompts: evaluated, never trained on or pooled
     prompt_field: str = "prompt"  # the field holding the prompt text
     answer_field: str = "answer"  # the field holding the reference answer given to the verifier
-    verifier: str = "testbed"  # a name in verify.VERIFIERS
+    verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | code
+    verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
     # --- rollouts
@@ -157,6 +160,16 @@ def check_config(cfg: Config):
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.beta <= 0:
         raise SystemExit(f"config: beta must be > 0, got {cfg.beta}")
+    for k in ("tau", "explore_frac", "logz_init_acc"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
+    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
+    if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
+        raise SystemExit(f"config: pool_size={cfg.pool_size} is smaller than prompts_per_step={cfg.prompts_per_step}")
+    if cfg.verifier not in verify.VERIFIERS:
+        raise SystemExit(f"config: verifier={cfg.verifier!r}; known: {sorted(verify.VERIFIERS)}")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -223,14 +236,30 @@ def all_sum(x: float, world, device) -> float:
 # ----------------------------------------------------------------------------- data
 
 
-def load_prompts(path: str, prompt_field: str, answer_field: str) -> list:
-    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer'}]."""
+def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed") -> list:
+    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer'}].
+    Every bad row stops the run with an error naming the file, the row and what is wrong."""
     import datasets
 
     if not os.path.exists(path):
         raise SystemExit(f"data: {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"data: {path} is empty")
+    if path.endswith(".jsonl"):  # name the line of a malformed record (datasets' own error does not)
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        raise SystemExit(f"data: {path} line {n}: not valid JSON ({e})") from None
+                    if not isinstance(rec, dict):
+                        raise SystemExit(f"data: {path} line {n}: expected a JSON object, got {type(rec).__name__}")
     kind = "parquet" if path.endswith(".parquet") else "json"
-    ds = datasets.load_dataset(kind, data_files=path, split="train")
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise SystemExit(f"data: {path} could not be read as {kind}: {str(e).splitlines()[0][:300]}") from None
     if len(ds) == 0:
         raise SystemExit(f"data: {path} has no rows")
     for f in (prompt_field, answer_field):
@@ -240,9 +269,13 @@ def load_prompts(path: str, prompt_field: str, answer_field: str) -> list:
     for i, r in enumerate(ds):
         p, a = r[prompt_field], r[answer_field]
         if not isinstance(p, str) or not p.strip():
-            raise SystemExit(f"data: {path} row {i}: field {prompt_field!r} must be a non-empty string, got {p!r}")
+            raise SystemExit(f"data: {path} row {i}: field {prompt_field!r} must be a non-empty string, got {p!r:.60}")
         if a is None:
             raise SystemExit(f"data: {path} row {i}: field {answer_field!r} is missing")
+        try:
+            a = verify.check_answer(verifier, a)
+        except ValueError as e:
+            raise SystemExit(f"data: {path} row {i}: field {answer_field!r}: {e}") from None
         rows.append({"prompt": p, "answer": a})
     return rows
 
@@ -259,9 +292,13 @@ def encode_prompts(tokenizer, rows: list, log) -> list:
 
 
 def drop_long(rows, toks, cap, name, log):
+    """Skip (and count) prompts longer than the cap; all of them too long is an error."""
     keep = [i for i, t in enumerate(toks) if len(t) <= cap]
+    if not keep:
+        raise SystemExit(f"data: every prompt of {name} is longer than max_prompt_tokens={cap} "
+                         f"(shortest: {min(map(len, toks))} tokens)")
     if len(keep) < len(rows):
-        log(f"{name}: skipped {len(rows) - len(keep)} prompts longer than max_prompt_tokens={cap}")
+        log(f"{name}: skipped {len(rows) - len(keep)} of {len(rows)} prompts longer than max_prompt_tokens={cap}")
     return [rows[i] for i in keep], [toks[i] for i in keep]
 
 
@@ -294,22 +331,63 @@ def ckpt_dirs(out_dir):
     return sorted(d for d in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{6}", d))
 
 
-def save_checkpoint(cfg, policy, tokenizer, opt, step, rollouts, pool, buf, replay_rng, rank):
-    """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(cfg, policy, tokenizer, opt, state: dict, rank):
+    """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept.
+    manifest.json records each file's size and sha256, so a damaged file is found and named."""
     if rank != 0:
         return
-    final = os.path.join(cfg.out_dir, f"ckpt_{step:06d}")
+    final = os.path.join(cfg.out_dir, f"ckpt_{state['step']:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.lm.save_pretrained(os.path.join(tmp, "model"))
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"logz": policy.logz.state_dict(), "opt": opt.state_dict(), "step": step, "rollouts": rollouts,
-                "pool": pool.state_dict(), "replay": buf.state_dict(), "replay_rng": replay_rng.bit_generator.state,
-                "config": dataclasses.asdict(cfg)}, os.path.join(tmp, "state.pt"))
+    torch.save({"logz": policy.logz.state_dict(), "opt": opt.state_dict(), **state, "config": dataclasses.asdict(cfg)},
+               os.path.join(tmp, "state.pt"))
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
+    manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))} for f in files}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_ckpts]:
         shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+
+
+def check_checkpoint(path: str):
+    """Raise ValueError naming the first missing, truncated or altered file of a checkpoint."""
+    mpath = os.path.join(path, "manifest.json")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{mpath} is missing or unreadable ({e})") from None
+    for name, want in manifest.items():
+        fp = os.path.join(path, name)
+        if not os.path.exists(fp):
+            raise ValueError(f"{fp} is missing")
+        if os.path.getsize(fp) != want["bytes"]:
+            raise ValueError(f"{fp} is truncated or altered: {os.path.getsize(fp)} bytes, expected {want['bytes']}")
+        if _sha256(fp) != want["sha256"]:
+            raise ValueError(f"{fp} is corrupt: sha256 differs from the manifest")
+
+
+def newest_good_checkpoint(run_dir: str, log) -> str:
+    """The newest checkpoint of run_dir that passes check_checkpoint; damaged ones are named and skipped."""
+    for d in reversed(ckpt_dirs(run_dir)):
+        try:
+            check_checkpoint(os.path.join(run_dir, d))
+            return os.path.join(run_dir, d)
+        except ValueError as e:
+            log(f"resume: skipping damaged checkpoint: {e}")
+    raise SystemExit(f"resume: no usable checkpoint in {run_dir} (found: {ckpt_dirs(run_dir) or 'none'})")
 
 
 def load_run_config(run_dir: str, overrides: dict) -> Config:
@@ -329,7 +407,16 @@ def load_run_config(run_dir: str, overrides: dict) -> Config:
 def main(argv=None):
     overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_run_config(overrides["resume"], overrides) if overrides.get("resume") else Config(**overrides)
-    return train(cfg)["final"]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return train(cfg)["final"]
+    try:
+        return train(cfg)["final"]
+    except (RuntimeError, dist.DistBackendError) as e:  # a collective failed: most often another rank died
+        rank = os.environ.get("RANK", "?")
+        print(f"rank {rank}: stopping: a collective operation failed, most likely because another rank died "
+              f"or hung (process-group timeout {cfg.dist_timeout_s} s). Cause: {str(e).splitlines()[0][:300]}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def param_checksum(params) -> float:
@@ -366,21 +453,22 @@ def train(cfg: Config) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start_ckpt = os.path.join(cfg.out_dir, ckpt_dirs(cfg.out_dir)[-1]) if cfg.resume else None
+    start_ckpt = newest_good_checkpoint(cfg.out_dir, log) if cfg.resume else None
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"model: the tokenizer of {cfg.model} has no EOS token; responses could never end")
-    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field)
-    eval_rows = load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field)
+    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
+    eval_rows = load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
     overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
     if overlap:
         log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
     train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log), cfg.max_prompt_tokens, cfg.train_data, log)
     eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None), cfg.max_prompt_tokens, cfg.eval_data, log)
     fn = verify.get_verifier(cfg.verifier)
+    vworkers = cfg.verifier_workers
 
     if not cfg.resume and ckpt_dirs(cfg.out_dir):
         raise SystemExit(f"{cfg.out_dir} already holds checkpoints of a run: continue it with --resume={cfg.out_dir}, "
@@ -424,7 +512,7 @@ def train(cfg: Config) -> dict:
     pool = scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select == "paced" else cfg.prompts_per_step, cfg.seed)
     buf = replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k)
     replay_rng = np.random.default_rng(seed_of(cfg.seed, 2))
-    step, rollouts = 0, 0
+    step, rollouts, skipped = 0, 0, 0
     if start_ckpt:
         st = torch.load(os.path.join(start_ckpt, "state.pt"), weights_only=False)
         logz.load_state_dict(st["logz"])
@@ -432,19 +520,28 @@ def train(cfg: Config) -> dict:
         pool.load_state_dict(st["pool"])
         buf.load_state_dict(st["replay"])
         replay_rng.bit_generator.state = st["replay_rng"]
-        step, rollouts = st["step"], st["rollouts"]
+        step, rollouts, skipped = st["step"], st["rollouts"], st["skipped_updates"]
         log(f"resumed {start_ckpt} at step {step}")
 
+    start_step = step
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:  # drop rows past the checkpoint: they will be recomputed
-        rows = [json.loads(l) for l in open(metrics_path)] if (start_ckpt and os.path.exists(metrics_path)) else []
-        with open(metrics_path, "w") as f:
+        rows = []
+        if start_ckpt and os.path.exists(metrics_path):
+            for line in open(metrics_path):
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by a crash: it lies past the checkpoint anyway
+                    pass
+        with open(metrics_path + ".tmp", "w") as f:
             for r in rows:
                 if r["step"] < step:
                     f.write(json.dumps(r) + "\n")
+        os.replace(metrics_path + ".tmp", metrics_path)
 
     def write_metrics(row):
-        if rank == 0:
+        if rank == 0:  # NaN / inf are written as null: strict JSON that every tool reads
+            row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -461,6 +558,14 @@ def train(cfg: Config) -> dict:
     emb_train_dev = emb_train.to(device)
     p_hat_of = lambda idx: (beta * policy.logz(emb_train_dev[torch.as_tensor(idx, device=device)])).detach().cpu().numpy()  # noqa: E731
     answers = [r["answer"] for r in train_rows]
+    stop_signal = [None]  # set by SIGINT / SIGTERM; the loop checkpoints and returns after the current step
+
+    def on_signal(signum, frame):
+        if stop_signal[0] is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop_signal[0] = signal.Signals(signum).name
+
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, desc="train")
     for step in bar:
         row = {"step": step}
@@ -483,7 +588,7 @@ def train(cfg: Config) -> dict:
             logp_old, n_tok = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
 
         # 3. verify
-        rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)])
+        rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)], vworkers)
         reward = torch.tensor(rewards, device=device)
         acc_local = reward.view(-1, G).mean(1).cpu().numpy()
         truncated = int((rmask.sum(1) == rmask.size(1)).logical_and(resp[:, -1] != tokenizer.eos_token_id).sum())
@@ -523,10 +628,19 @@ def train(cfg: Config) -> dict:
                 r_logz = r_logz.detach()
             loss = loss + tb_loss.paced_tb_loss(r_logz, r_logp, r_anchor, torch.ones_like(r_logp), beta, weight=w, denom=n_global)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
+        global_loss = all_sum(loss.item(), world, device)  # every rank sees the same value: they skip together
+        gnorm = gnorm_z = float("nan")
+        if math.isfinite(global_loss):
+            loss.backward()
+            sync_grads(params, world)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf")))
+        if math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
+            opt.step()
+        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
+            skipped += 1
+            log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
+        opt.zero_grad(set_to_none=True)
         rollouts += B * G
 
         # β·KL(π_old ‖ π_θ) after the update, on the fresh samples (Proposition 4.1's gap)
@@ -542,7 +656,8 @@ def train(cfg: Config) -> dict:
         row.update({
             "rollouts": rollouts,
             "reward_mean": tot(reward.sum()) / (B * G),
-            "loss": tot(loss.item()),
+            "loss": global_loss,
+            "skipped_updates": skipped,
             "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()),
             "acc_est_corr": eval_lib.pearson(p_all, acc_all),
             "p_hat_mean": float(p_all.mean()),
@@ -553,21 +668,32 @@ def train(cfg: Config) -> dict:
             "verifier_errors": int(tot(verr)),
             "replay_size": len(buf),
             "replayed": len(drawn),
-            "grad_norm": float(gnorm),
+            "grad_norm": gnorm,
             "step_s": time.time() - t0,
         })
-        if not math.isfinite(row["loss"]):
-            raise SystemExit(f"step {step}: loss is {row['loss']}")
         write_metrics(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", err=f"{row['acc_est_abs_err']:.2f}",
                         **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
         if row["zero_var_frac"] > 0.8 and step % cfg.eval_every == 0:
             log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+        stop = all_sum(float(stop_signal[0] is not None), world, device) > 0  # all ranks stop at the same step
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps or stop:
             check_ranks_agree(params, world, device)
-            save_checkpoint(cfg, policy, tokenizer, opt, step + 1, rollouts, pool, buf, replay_rng, rank)
+            save_checkpoint(cfg, policy, tokenizer, opt, {"step": step + 1, "rollouts": rollouts, "skipped_updates": skipped,
+                            "pool": pool.state_dict(), "replay": buf.state_dict(),
+                            "replay_rng": replay_rng.bit_generator.state}, rank)
+        if stop:
+            log(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint written. "
+                f"Continue with: --resume={cfg.out_dir}")
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            if world > 1:
+                dist.destroy_process_group()
+            return {"final": row, "policy": policy, "interrupted": True}
 
-    final_step = cfg.max_steps
+    for sig, h in old_handlers.items():
+        signal.signal(sig, h)
+    final_step = max(cfg.max_steps, start_step)  # a checkpoint past max_steps is evaluated where it is
     row = {"step": final_step, "rollouts": rollouts, **eval_metrics(),
            "param_checksum": check_ranks_agree(params, world, device)}
     write_metrics(row)
