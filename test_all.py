@@ -689,3 +689,42 @@ def test_bad_config_values():
                       (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller")):
         with pytest.raises(SystemExit, match=msg):
             train.check_config(train.Config(**train.parse_args(args)))
+
+
+# ----------------------------------------------------------------------------- math verifier
+
+MATH_TABLE = [  # (response, reference answer, reward)
+    ("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5", 1.0),
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
+    ("so $x = \\boxed{3.0}$", "3", 1.0),
+    ("\\boxed{10\\text{ cm}}", "10", 1.0),  # units
+    ("\\boxed{2^{1/2}}", "\\sqrt{2}", 1.0),
+    ("\\boxed{(1, 2]}", "(1,2]", 1.0),  # intervals
+    ("\\boxed{[1,2]}", "(1,2]", 0.0),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+    ("we get 42", "42", 1.0),  # unboxed
+    ("first \\boxed{7}, then corrected: \\boxed{8}", "8", 1.0),  # the last box counts
+    ("\\boxed{6}", "5", 0.0),
+    ("\\boxed{\\frac{2}{3}}", "\\frac{3}{2}", 0.0),
+    ("\\boxed{204}", 204, 1.0),  # AIME files hold integers
+]
+
+
+@pytest.mark.parametrize("response,answer,want", MATH_TABLE)
+def test_math_reward_table(response, answer, want):
+    assert verify.math_reward(response, answer) == want
+
+
+def test_math_reward_malformed_and_hanging_input():
+    # malformed responses are wrong answers, not crashes
+    for bad in ["", "\\boxed{", "\\boxed{\\frac{1}{", "}}}{{{", "\\boxed{}", "\x00\x01"]:
+        r, err = verify.score(verify.math_reward, [bad], ["1/2"])
+        assert r == [0.0]
+    assert verify.last_boxed("\\boxed{\\frac{1}{2}") is None and verify.last_boxed("a \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    worker = verify.TimeoutWorker(timeout_s=1.0)
+    hang = "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}"  # sympy takes many seconds on this
+    t0 = __import__("time").time()
+    r, err = verify.score(worker, [hang, "\\boxed{2}"], ["1", "2"], workers=2)  # from threads, too
+    assert r == [0.0, 1.0] and err == 1  # counted, and the worker was replaced for the next call
+    assert __import__("time").time() - t0 < 30
+    worker.close()

@@ -5,6 +5,7 @@ training never stops on a verifier fault: an exception, or a result that is not 
 [0, 1], counts as reward 0 and is counted (the `verifier_errors` metric of train.py).
 
 - `testbed_reward`: the bundled task (testbed.py): exact match of the reversed digits of a+b.
+- `math_reward`: math answers by math-verify (boxed answer first), in a worker process with a timeout.
 - `code_reward`: runs the last fenced Python block of a response against test cases, in a sandbox
   (below). Tests come in the DeepCoder / LiveCodeBench styles: stdin/stdout
   `{"input": str, "output": str}` and function call `{"fn_name": str, "input": list, "output": any}`.
@@ -30,7 +31,9 @@ import re
 import signal
 import subprocess
 import sys
+import select
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -223,7 +226,107 @@ def code_reward(response: str, tests, all_or_nothing: bool = False, limits: Sand
     return passed / len(tests)
 
 
-VERIFIERS = {"testbed": testbed_reward, "code": code_reward}
+# ----------------------------------------------------------------------------- math answers
+
+
+def last_boxed(text: str):
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces matched; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: no answer
+
+
+def _math_impl(response: str, answer: str) -> float:
+    """math-verify's parse and verify, boxed answer first; runs inside the worker process."""
+    from math_verify import parse, verify
+
+    gold = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=None)
+    boxed = last_boxed(response)
+    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else response, parsing_timeout=None)
+    if not gold or not pred:
+        return 0.0
+    return float(verify(gold, pred, timeout_seconds=None))  # gold first: the order matters
+
+
+_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import verify
+import math_verify  # the slow import happens before "ready", so it does not count against a call's time
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    try:
+        out = {"reward": verify._math_impl(job["response"], job["answer"])}
+    except BaseException as e:  # math-verify's timeout error is a BaseException
+        out = {"error": f"{type(e).__name__}: {e}"[:300]}
+    print(json.dumps(out), flush=True)
+"""
+
+
+class TimeoutWorker:
+    """A persistent worker process for math verification with a per-call timeout. A call past its time
+    kills the worker (a fresh one starts on the next call) and raises TimeoutError. Unlike math-verify's
+    own timeout (signal.alarm), this works in any thread, and a crash inside sympy cannot take the
+    trainer down."""
+
+    def __init__(self, timeout_s: float = 5.0, start_timeout_s: float = 120.0):
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.proc, self.lock = None, threading.Lock()
+
+    def _readline(self, timeout):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else None
+
+    def _start(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, os.path.dirname(os.path.abspath(__file__))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        if (self._readline(self.start_timeout_s) or "").strip() != "ready":
+            self.close()
+            raise RuntimeError("math verifier worker did not start (is math-verify installed? pip install math-verify)")
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __call__(self, response: str, answer: str) -> float:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.proc.stdin.write(json.dumps({"response": response, "answer": answer}) + "\n")
+            self.proc.stdin.flush()
+            line = self._readline(self.timeout_s)
+            if line is None or not line:
+                self.close()
+                raise TimeoutError(f"math verification took longer than {self.timeout_s} s (or its worker died)")
+        out = json.loads(line)
+        if "error" in out:
+            raise ValueError(f"math-verify failed: {out['error']}")
+        return out["reward"]
+
+
+_math_worker = TimeoutWorker()
+
+
+def math_reward(response: str, answer) -> float:
+    """1.0 iff the response's final answer (the last \\boxed{} if any, else the whole text) is
+    mathematically equal to the reference, by math-verify. Timeouts and failures raise, and `score`
+    turns them into reward 0, counted in `verifier_errors`."""
+    return _math_worker(response, str(answer))
+
+
+VERIFIERS = {"testbed": testbed_reward, "code": code_reward, "math": math_reward}
 
 
 def check_answer(verifier: str, answer):
