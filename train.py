@@ -69,6 +69,8 @@ class Config:
     prompts_per_step: int = 32  # B, prompts per step over all ranks (divisible by the world size)
     group_size: int = 8  # G, responses per prompt (paper: 8)
     max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
+    rollout_batch: int = 0  # prompts per generation call (bounds KV-cache memory); 0 = all of a rank's prompts
+    micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
     # --- PACED-RL
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
@@ -311,15 +313,65 @@ def seed_of(*parts) -> int:
 
 
 def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
-    """Generate G responses per prompt; returns padded tensors and the decoded responses."""
+    """Generate G responses per prompt, `cfg.rollout_batch` prompts per generation call (memory-bounded);
+    returns padded tensors, prompts repeated G times, and the decoded responses."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pid, pmask = paced_rl.left_pad(prompt_toks, pad, device)
-    gens = paced_rl.make_generators(seeds, device)
-    resp = paced_rl.generate(lm, pid, pmask, cfg.group_size, gens, cfg.max_new_tokens, temperature, eos, pad)
+    size = cfg.rollout_batch if cfg.rollout_batch > 0 else max(len(prompt_toks), 1)
+    chunks = []
+    for i in range(0, len(prompt_toks), size):
+        gens = paced_rl.make_generators(seeds[i:i + size], device)
+        chunks.append(paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], cfg.group_size, gens,
+                                        cfg.max_new_tokens, temperature, eos, pad))
+    R = max(c.size(1) for c in chunks)
+    resp = torch.cat([torch.nn.functional.pad(c, (0, R - c.size(1)), value=pad) for c in chunks])  # (B*G, R)
     rmask = paced_rl.response_mask(resp, eos)
+    rmask = rmask * torch.cat([torch.nn.functional.pad(torch.ones_like(c), (0, R - c.size(1))) for c in chunks])
     texts = tokenizer.batch_decode(resp * rmask + pad * (1 - rmask), skip_special_tokens=True)
     G = cfg.group_size
     return pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask, texts
+
+
+def tb_backward(policy, b: dict, cfg, n_global: int):
+    """Forward and backward of the TB loss over one batch, in micro-batches of `cfg.micro_batch` samples;
+    gradients accumulate in .grad. Each micro-batch's loss is its sum over n_global, so accumulation
+    gives exactly the gradient of the one-batch loss. Returns (this batch's share of the loss,
+    log π of every sample before the update, detached (N,), response token counts (N,)).
+
+    b: prompt/response tensors, `reward` (N,), `emb` (N, D) for Z_φ, `train_logz`, and `behavior`:
+    None for fresh samples (π_old is the policy before this update, so log π_old = log π_θ detached:
+    one optimizer step per rollout batch saves a forward pass), or the sampler's log-probs of replayed
+    samples (anchor per cfg.replay_anchor, importance weight min(clip, π_θold/π_behavior))."""
+    N = b["resp"].size(0)
+    size = cfg.micro_batch if cfg.micro_batch > 0 else max(N, 1)
+    total, logps, ntoks = 0.0, [], []
+    for i in range(0, N, size):
+        s = slice(i, i + size)
+        logp, ntok = paced_rl.sequence_logprobs(policy.lm, b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature)
+        cur = logp.detach()
+        log_z = policy.logz(b["emb"][s])
+        if not b["train_logz"]:
+            log_z = log_z.detach()
+        anchor, w = cur, None
+        if b["behavior"] is not None:
+            if cfg.replay_anchor == "behavior":
+                anchor = b["behavior"][s]
+            if cfg.replay_is_clip > 0:
+                w = (cur - b["behavior"][s]).exp().clamp(max=cfg.replay_is_clip)
+        loss = tb_loss.paced_tb_loss(log_z, logp, anchor, b["reward"][s], cfg.beta, weight=w, denom=n_global)
+        loss.backward()
+        total += loss.item()
+        logps.append(cur)
+        ntoks.append(ntok)
+    return total, torch.cat(logps), torch.cat(ntoks)
+
+
+@torch.no_grad()
+def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg):
+    """Summed response log-probs (N,) without gradients, in micro-batches."""
+    size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
+    return torch.cat([paced_rl.sequence_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
+                                                 rmask[i:i + size], cfg.temperature)[0] for i in range(0, resp.size(0), size)])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -571,7 +623,7 @@ def train(cfg: Config) -> dict:
         row = {"step": step}
         if step % cfg.eval_every == 0:
             row.update(eval_metrics())
-        t0 = time.time()
+        t0 = time.time()  # step timing: select t0-t1, rollout t1-t2, verify t2-t3, update t4-t5, KL after
 
         # 1. select B prompts (identical on every rank), then shard them
         with torch.no_grad():
@@ -581,20 +633,51 @@ def train(cfg: Config) -> dict:
         idx = [int(chosen[i]) for i in mine]
 
         # 2. roll out G responses per prompt, seeded per prompt (not per rank); π_old = π_θ now
+        t1 = time.time()
         policy.eval()
         seeds = [seed_of(cfg.seed, 0, step, j) for j in idx]
         pid, pmask, resp, rmask, texts = rollout(policy.lm, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
-        with torch.no_grad():
-            logp_old, n_tok = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
 
         # 3. verify
+        t2 = time.time()
         rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)], vworkers)
         reward = torch.tensor(rewards, device=device)
         acc_local = reward.view(-1, G).mean(1).cpu().numpy()
         truncated = int((rmask.sum(1) == rmask.size(1)).logical_and(resp[:, -1] != tokenizer.eos_token_id).sum())
 
-        # 4. replay: draw from earlier steps (same draw on every rank), then add this step's correct samples
+        # 4. replay: draw from earlier steps (the same draw on every rank); this step's samples join later
+        t3 = time.time()
         drawn = buf.sample(cfg.replay_per_step, replay_rng) if cfg.replay == "on" else []
+        my_replay = drawn[rank::world]
+
+        # 5. one optimizer step on the TB loss over fresh + replayed samples, in micro-batches
+        t4 = time.time()
+        policy.train()
+        n_global = B * G + len(drawn)
+        fresh = {"pid": pid, "pmask": pmask, "resp": resp, "rmask": rmask, "reward": reward, "behavior": None,
+                 "emb": emb_train_dev[torch.tensor(idx, device=device)].repeat_interleave(G, 0), "train_logz": True}
+        loss_local, logp_old, n_tok = tb_backward(policy, fresh, cfg, n_global)  # logp_old: log π_old(y|x), (nG,)
+        if my_replay:
+            r_pid, r_pmask = paced_rl.left_pad([train_toks[e["prompt"]] for e in my_replay], tokenizer.pad_token_id, device)
+            r_resp, r_mask = paced_rl.left_pad([e["response"][::-1] for e in my_replay], tokenizer.pad_token_id, device)
+            replayed = {"pid": r_pid, "pmask": r_pmask, "resp": r_resp.flip(1), "rmask": r_mask.flip(1),  # right-padded
+                        "reward": torch.ones(len(my_replay), device=device), "train_logz": cfg.replay_trains_logz,
+                        "behavior": torch.tensor([e["logp_behavior"] for e in my_replay], device=device),
+                        "emb": emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)]}
+            loss_local += tb_backward(policy, replayed, cfg, n_global)[0]
+        global_loss = all_sum(loss_local, world, device)  # every rank sees the same value: they skip together
+        sync_grads(params, world)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf")))
+        if math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
+            opt.step()
+        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
+            skipped += 1
+            log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
+        opt.zero_grad(set_to_none=True)
+        rollouts += B * G
+
+        # this step's highest-error correct trajectories enter the buffer (the same entries on every rank)
         if cfg.replay == "on":
             cands = []
             for k, j in enumerate(idx):
@@ -604,50 +687,13 @@ def train(cfg: Config) -> dict:
                         n = int(rmask[k * G + g].sum())
                         cands.append({"prompt": j, "response": resp[k * G + g, :n].tolist(), "priority": e,
                                       "logp_behavior": float(logp_old[k * G + g])})
-            cands = sorted(sum(gather(cands, world), []), key=lambda c: (c["prompt"], c["response"]))
-            buf.add(cands)
-        my_replay = drawn[rank::world]
-
-        # 5. one optimizer step on the TB loss over fresh + replayed samples
-        policy.train()
-        n_global = B * G + len(drawn)
-        log_z = policy.logz(emb_train_dev[torch.tensor(idx, device=device)]).repeat_interleave(G)  # (nG,)
-        logp, _ = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
-        loss = tb_loss.paced_tb_loss(log_z, logp, logp_old, reward, beta, denom=n_global)
-        if my_replay:
-            r_pid, r_pmask = paced_rl.left_pad([train_toks[e["prompt"]] for e in my_replay], tokenizer.pad_token_id, device)
-            r_resp, r_mask = paced_rl.left_pad([e["response"][::-1] for e in my_replay], tokenizer.pad_token_id, device)
-            r_resp, r_mask = r_resp.flip(1), r_mask.flip(1)  # right-padded responses
-            r_logp = paced_rl.sequence_logprobs(policy.lm, r_pid, r_pmask, r_resp, r_mask, cfg.temperature)[0]
-            r_cur = r_logp.detach()
-            r_beh = torch.tensor([e["logp_behavior"] for e in my_replay], device=device)
-            r_anchor = r_cur if cfg.replay_anchor == "current" else r_beh
-            w = (r_cur - r_beh).exp().clamp(max=cfg.replay_is_clip) if cfg.replay_is_clip > 0 else None
-            r_logz = policy.logz(emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)])
-            if not cfg.replay_trains_logz:
-                r_logz = r_logz.detach()
-            loss = loss + tb_loss.paced_tb_loss(r_logz, r_logp, r_anchor, torch.ones_like(r_logp), beta, weight=w, denom=n_global)
-        opt.zero_grad(set_to_none=True)
-        global_loss = all_sum(loss.item(), world, device)  # every rank sees the same value: they skip together
-        gnorm = gnorm_z = float("nan")
-        if math.isfinite(global_loss):
-            loss.backward()
-            sync_grads(params, world)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-            gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf")))
-        if math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
-            opt.step()
-        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
-            skipped += 1
-            log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
-        opt.zero_grad(set_to_none=True)
-        rollouts += B * G
+            buf.add(sorted(sum(gather(cands, world), []), key=lambda c: (c["prompt"], c["response"])))
 
         # β·KL(π_old ‖ π_θ) after the update, on the fresh samples (Proposition 4.1's gap)
+        t5 = time.time()
         policy.eval()
-        with torch.no_grad():
-            logp_new, _ = paced_rl.sequence_logprobs(policy.lm, pid, pmask, resp, rmask, cfg.temperature)
-            kl_sum = float(tb_loss.kl_k3(logp_old, logp_new).sum())
+        logp_new = logprobs_nograd(policy.lm, pid, pmask, resp, rmask, cfg)
+        kl_sum = float(tb_loss.kl_k3(logp_old, logp_new).sum())
 
         # 6. metrics over all ranks
         recs = sorted(sum(gather([(j, float(a), float(p_hat_sel[mine[k]])) for k, (j, a) in enumerate(zip(idx, acc_local))], world), []))
@@ -670,6 +716,7 @@ def train(cfg: Config) -> dict:
             "replayed": len(drawn),
             "grad_norm": gnorm,
             "step_s": time.time() - t0,
+            "select_s": t1 - t0, "rollout_s": t2 - t1, "verify_s": t3 - t2, "update_s": t5 - t4,
         })
         write_metrics(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", err=f"{row['acc_est_abs_err']:.2f}",
