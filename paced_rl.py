@@ -146,7 +146,7 @@ def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperat
     ids = torch.cat([prompt_ids, resp_ids], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     P = prompt_ids.size(1)
-    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
     logits = logits[:, P - 1:-1].float()  # (N, R, V): position P-1+t predicts response token t
     if temperature > 0:
         logits = logits / temperature

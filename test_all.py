@@ -747,3 +747,95 @@ def test_micro_batches_give_the_same_update(small_testbed, tmp_path):
     for s in range(3):
         assert r2[s]["loss"] == pytest.approx(r1[s]["loss"], rel=1e-5)
         assert r2[s]["reward_mean"] == r1[s]["reward_mean"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_pass_at_k_against_brute_force():
+    import itertools
+
+    import eval as eval_lib
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+                assert eval_lib.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert eval_lib.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
+    with pytest.raises(ValueError, match="need 0 ≤ c ≤ n"):
+        eval_lib.pass_at_k(4, 5, 1)
+
+
+# ----------------------------------------------------------------------------- real-model code paths
+
+
+@pytest.fixture(scope="module")
+def math_files(tmp_path_factory):
+    """A tiny chat-template model and data files in the schemas of DeepScaleR, MATH-500 and AIME 2024."""
+    d = tmp_path_factory.mktemp("math")
+    testbed.build_chat_model(str(d / "model"))
+    rng = np.random.default_rng(0)
+    with open(d / "deepscaler.jsonl", "w") as f:  # problem, answer, solution
+        for i in range(40):
+            a, b = rng.integers(1, 50, 2)
+            f.write(json.dumps({"problem": f"Compute ${a}+{b}$.", "answer": str(a + b),
+                                "solution": f"${a}+{b}=\\boxed{{{a + b}}}$"}) + "\n")
+    with open(d / "math500.jsonl", "w") as f:  # problem, solution, answer, subject, level, unique_id
+        for i in range(8):
+            f.write(json.dumps({"problem": f"Simplify $\\frac{{{2 * i + 2}}}{{4}}$.", "solution": "...",
+                                "answer": f"\\frac{{{i + 1}}}{{2}}", "subject": "Algebra", "level": 1 + i % 5,
+                                "unique_id": f"test/algebra/{i}.json"}) + "\n")
+    rows = [{"id": 60 + i, "problem": f"Find the remainder of ${i}^2$ mod $1000$.", "solution": "...",
+             "answer": str(i * i % 1000), "url": "https://example.org", "year": "2024"} for i in range(6)]
+    pq = str(d / "aime.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(pq)  # hub copies of AIME are parquet
+    return d
+
+
+def test_real_model_path_two_processes(math_files, tmp_path):
+    d = math_files
+    out = str(tmp_path / "run")
+    args = {"model": d / "model", "train_data": d / "deepscaler.jsonl", "eval_data": d / "math500.jsonl",
+            "prompt_field": "problem", "answer_field": "answer", "verifier": "math", "out_dir": out,
+            "prompt_suffix": " Put the answer in \\boxed{}.", "prompts_per_step": 4, "group_size": 2,
+            "pool_size": 8, "max_new_tokens": 8, "max_steps": 2, "eval_every": 1, "eval_samples": 2,
+            "micro_batch": 3, "rollout_batch": 1, "replay_per_step": 2, "testbed_dir": ""}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *[f"--{k}={v}" for k, v in args.items()]], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
+    assert "no chat template" not in p.stdout  # the chat template was applied
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval_acc" in r for r in rows)
+    assert rows[-1]["rollouts"] == 2 * 4 * 2 and rows[0]["verifier_errors"] == 0
+    import eval as eval_lib
+
+    table = eval_lib.main([f"--run={out}", f"--eval_data={d / 'aime.parquet'}", "--eval_samples=4", "--max_new_tokens=4"])
+    assert [r["model"] for r in table] == ["initial", "ckpt_000002"] and set(table[0]["pass_at_k"]) == {1, 2, 4}
+    assert all(0 <= v <= 1 for r in table for v in r["pass_at_k"].values())
+
+
+def test_chat_template_is_applied(math_files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(math_files / "model"))
+    said = []
+    ids = train.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.")
+    assert tok.decode(ids[0]) == "<|im_start|>user\n1+1? Box it.<|im_end|>\n<|im_start|>assistant\n" and not said
+    tok.chat_template = None
+    ids = train.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
+    assert tok.decode(ids[0]) == "1+1?" and said == ["tokenizer has no chat template: prompts are used as plain text"]
+
+
+def test_presets():
+    cfg = train.make_config(train.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
+    assert cfg.model == "Qwen/Qwen2.5-Math-1.5B" and cfg.verifier == "math" and cfg.lr == 2e-6  # CLI wins
+    assert cfg.beta == 0.05 and cfg.group_size == 8 and cfg.max_new_tokens == 3072 and cfg.dtype == "bfloat16"
+    assert train.make_config({"preset": "paper_math_7b"}).grad_ckpt
+    with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
+        train.make_config({"preset": "paper_math_70b"})

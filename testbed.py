@@ -73,6 +73,34 @@ def make_model(cfg: TestbedConfig, tokenizer):
     return LlamaForCausalLM(mc)
 
 
+CHAT_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_chat_model(out: str, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A tiny random model whose tokenizer has a real (Qwen-style ChatML) chat template, pad != EOS and
+    every printable ASCII character: for testing the code paths of real models and math data offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(CHAT_SPECIAL + ["<unk>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"], padding_side="left")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=True,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 # ----------------------------------------------------------------------------- task
 
 

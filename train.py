@@ -55,12 +55,18 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
     dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
     dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
+    preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
+    attn_impl: str = "sdpa"  # attention kernel: sdpa (PyTorch) | flash_attention_2 (needs flash-attn) | eager
+    grad_ckpt: bool = False  # gradient checkpointing: recompute activations in backward (large models)
     # --- model and data
     model: str = "testbed/model"  # HF hub id or local path of the initial policy (also π_ref, and e(x))
     train_data: str = "testbed/train.jsonl"  # json / jsonl prompts with the fields below
     eval_data: str = "testbed/heldout.jsonl"  # held-out prompts: evaluated, never trained on or pooled
-    prompt_field: str = "prompt"  # the field holding the prompt text
+    prompt_field: str = "prompt"  # the field holding the prompt text (DeepScaleR, MATH-500, AIME: problem)
     answer_field: str = "answer"  # the field holding the reference answer given to the verifier
+    eval_prompt_field: str = ""  # the held-out file's prompt field, if it differs ("" = prompt_field)
+    eval_answer_field: str = ""  # the held-out file's answer field, if it differs ("" = answer_field)
+    prompt_suffix: str = ""  # appended to every prompt text, e.g. an instruction to box the final answer
     verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | code
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
@@ -101,6 +107,23 @@ class Config:
     eval_batch: int = 64  # held-out prompts per generation batch
     ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
+
+
+# The paper's settings (DESIGN.md §7). Hub ids are downloaded on first use; B, the pool and the
+# micro-batch sizes are ours (the paper does not give them); see the README for hardware.
+_PAPER_MATH = dict(
+    train_data="agentica-org/DeepScaleR-Preview-Dataset", eval_data="HuggingFaceH4/MATH-500:test",
+    prompt_field="problem", answer_field="answer", verifier="math",
+    prompt_suffix=" Let's think step by step and output the final answer within \\boxed{}.",
+    group_size=8, temperature=1.0, max_prompt_tokens=1024, max_new_tokens=3072, beta=0.05, tau=0.5,
+    lr=1e-6, weight_decay=0.1, max_steps=150, prompts_per_step=128, pool_size=512, eval_every=10,
+    eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
+    testbed_dir="", out_dir="runs/paper_math")
+PRESETS = {
+    "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64},
+    "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,
+                      "grad_ckpt": True},
+}
 
 
 # ----------------------------------------------------------------------------- config and CLI
@@ -150,10 +173,18 @@ def parse_args(argv) -> dict:
     return out
 
 
+def make_config(overrides: dict) -> Config:
+    """Defaults, then the preset's values, then the command line's."""
+    name = overrides.get("preset", "")
+    if name and name not in PRESETS:
+        raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return Config(**{**PRESETS.get(name, {}), **overrides})
+
+
 def check_config(cfg: Config):
     choices = {"select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
                "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
-               "logz_features": ("mean", "mean_last")}
+               "logz_features": ("mean", "mean_last"), "attn_impl": ("sdpa", "flash_attention_2", "eager")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
@@ -244,7 +275,15 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
     import datasets
 
     if not os.path.exists(path):
-        raise SystemExit(f"data: {path} does not exist")
+        hub = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([\w.-]+))?", path)  # org/name or org/name:split
+        if not hub:
+            raise SystemExit(f"data: {path} does not exist")
+        try:
+            ds = datasets.load_dataset(hub.group(1), split=hub.group(2) or "train")
+        except Exception as e:
+            raise SystemExit(f"data: {path} is neither a local file nor a data set that could be loaded from the "
+                             f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return check_rows(ds, path, prompt_field, answer_field, verifier)
     if os.path.getsize(path) == 0:
         raise SystemExit(f"data: {path} is empty")
     if path.endswith(".jsonl"):  # name the line of a malformed record (datasets' own error does not)
@@ -262,6 +301,10 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
         ds = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:
         raise SystemExit(f"data: {path} could not be read as {kind}: {str(e).splitlines()[0][:300]}") from None
+    return check_rows(ds, path, prompt_field, answer_field, verifier)
+
+
+def check_rows(ds, path, prompt_field, answer_field, verifier) -> list:
     if len(ds) == 0:
         raise SystemExit(f"data: {path} has no rows")
     for f in (prompt_field, answer_field):
@@ -282,14 +325,14 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
     return rows
 
 
-def encode_prompts(tokenizer, rows: list, log) -> list:
-    """Token ids of each prompt: through the chat template when the tokenizer has one, else as is."""
+def encode_prompts(tokenizer, rows: list, log, suffix: str = "") -> list:
+    """Token ids of each prompt (+ suffix): through the chat template when the tokenizer has one, else as is."""
     if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"] + suffix}], tokenize=False,
                                                add_generation_prompt=True) for r in rows]
     else:
         log("tokenizer has no chat template: prompts are used as plain text")
-        texts = [r["prompt"] for r in rows]
+        texts = [r["prompt"] + suffix for r in rows]
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
@@ -458,7 +501,7 @@ def load_run_config(run_dir: str, overrides: dict) -> Config:
 
 def main(argv=None):
     overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_run_config(overrides["resume"], overrides) if overrides.get("resume") else Config(**overrides)
+    cfg = load_run_config(overrides["resume"], overrides) if overrides.get("resume") else make_config(overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return train(cfg)["final"]
     try:
@@ -495,8 +538,8 @@ def train(cfg: Config) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
     # the bundled testbed is built on first use (rank 0 builds, the others wait)
-    tb = os.path.normpath(cfg.testbed_dir)
-    if any(os.path.normpath(p).startswith(tb + os.sep) for p in (cfg.model, cfg.train_data, cfg.eval_data)):
+    tb = os.path.normpath(cfg.testbed_dir) if cfg.testbed_dir else None
+    if tb and any(os.path.normpath(p).startswith(tb + os.sep) for p in (cfg.model, cfg.train_data, cfg.eval_data)):
         if rank == 0:
             import testbed
             testbed.ensure(cfg.testbed_dir, log=log)
@@ -513,12 +556,13 @@ def train(cfg: Config) -> dict:
     if tokenizer.eos_token_id is None:
         raise SystemExit(f"model: the tokenizer of {cfg.model} has no EOS token; responses could never end")
     train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
-    eval_rows = load_prompts(cfg.eval_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
+    eval_rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
+                             cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
     overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
     if overlap:
         log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
-    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log), cfg.max_prompt_tokens, cfg.train_data, log)
-    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None), cfg.max_prompt_tokens, cfg.eval_data, log)
+    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log, cfg.prompt_suffix), cfg.max_prompt_tokens, cfg.train_data, log)
+    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix), cfg.max_prompt_tokens, cfg.eval_data, log)
     fn = verify.get_verifier(cfg.verifier)
     vworkers = cfg.verifier_workers
 
@@ -553,7 +597,10 @@ def train(cfg: Config) -> dict:
     emb_train, emb_eval = emb["train"], emb["eval"]
 
     # the policy: same weights on every rank (same files, same seed for Z_φ)
-    lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype,
+                                              attn_implementation=cfg.attn_impl).to(device)
+    if cfg.grad_ckpt:
+        lm.gradient_checkpointing_enable()
     torch.manual_seed(cfg.seed)
     logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
     logz.set_normalization(emb_train)
