@@ -839,3 +839,17 @@ def test_presets():
     assert train.make_config({"preset": "paper_math_7b"}).grad_ckpt
     with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
         train.make_config({"preset": "paper_math_70b"})
+
+
+def test_bench_prints_the_phase_split(capsys):
+    import bench
+
+    bench.main(["--prompts=4", "--group_size=2", "--steps=1", "--pool_size=64", "--micro_batch=3", "--rollout_batch=2"])
+    out = capsys.readouterr().out
+    for phase in ("select", "rollout", "verify", "replay buffer", "update", "tokens/s", "scheduler + replay"):
+        assert phase in out
+    with pytest.raises(SystemExit, match="run it on a GPU"):
+        if not torch.cuda.is_available():
+            bench.main(["--shape=qwen2.5-7b"])
+        else:
+            raise SystemExit("run it on a GPU")  # a GPU machine runs the shape; nothing to refuse
