@@ -848,8 +848,6 @@ def test_bench_prints_the_phase_split(capsys):
     out = capsys.readouterr().out
     for phase in ("select", "rollout", "verify", "replay buffer", "update", "tokens/s", "scheduler + replay"):
         assert phase in out
-    with pytest.raises(SystemExit, match="run it on a GPU"):
-        if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # on CPU, a shape whose training state cannot fit is refused up front
+        with pytest.raises(SystemExit, match="run it on a GPU"):
             bench.main(["--shape=qwen2.5-7b"])
-        else:
-            raise SystemExit("run it on a GPU")  # a GPU machine runs the shape; nothing to refuse
