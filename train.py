@@ -417,6 +417,47 @@ def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg):
                                                  rmask[i:i + size], cfg.temperature)[0] for i in range(0, resp.size(0), size)])
 
 
+def prompt_embedding_cache(cfg, pad_id, train_toks, eval_toks, dtype, device, rank, world):
+    """e(x) for the training and held-out prompts, from the initial model: computed once (sharded over
+    ranks, gathered), cached in <out_dir>/prompt_emb.pt with a key of everything that determines it."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(cfg.out_dir, "prompt_emb.pt")
+    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data,
+           "n_train": len(train_toks), "n_eval": len(eval_toks)}
+    emb = torch.load(path) if os.path.exists(path) else None
+    if emb is None or emb.get("key") != key:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        all_toks = train_toks + eval_toks
+        mine = list(range(rank, len(all_toks), world))
+        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], pad_id, cfg.eval_batch, device, cfg.logz_features)
+        parts = [(i, e) for i, e in gather((mine, part), world) if len(i)]
+        emb_all = torch.zeros(len(all_toks), parts[0][1].size(1))
+        for i, e in parts:
+            emb_all[i] = e
+        emb = {"key": key, "train": emb_all[:len(train_toks)], "eval": emb_all[len(train_toks):]}
+        if rank == 0:
+            torch.save(emb, path + ".tmp")
+            os.replace(path + ".tmp", path)
+    return emb["train"], emb["eval"]
+
+
+def truncate_metrics(path: str, step: int):
+    """Keep the rows of metrics.jsonl before `step` (a resumed run recomputes the rest), atomically."""
+    rows = []
+    if step > 0 and os.path.exists(path):
+        for line in open(path):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: it lies past the checkpoint anyway
+                pass
+    with open(path + ".tmp", "w") as f:
+        for r in rows:
+            if r["step"] < step:
+                f.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -575,26 +616,7 @@ def train(cfg: Config) -> dict:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
     # frozen prompt embeddings e(x) of the *initial* model: computed once, sharded, cached next to the run
-    emb_path = os.path.join(cfg.out_dir, "prompt_emb.pt")
-    emb_key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data,
-               "n_train": len(train_toks), "n_eval": len(eval_toks)}
-    emb = torch.load(emb_path) if os.path.exists(emb_path) else None
-    if emb is None or emb.get("key") != emb_key:
-        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
-        all_toks = train_toks + eval_toks
-        mine = list(range(rank, len(all_toks), world))
-        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], tokenizer.pad_token_id, cfg.eval_batch,
-                                          device, cfg.logz_features)
-        parts = [(i, e) for i, e in gather((mine, part), world) if len(i)]
-        emb_all = torch.zeros(len(all_toks), parts[0][1].size(1))
-        for i, e in parts:
-            emb_all[i] = e
-        emb = {"key": emb_key, "train": emb_all[:len(train_toks)], "eval": emb_all[len(train_toks):]}
-        del base
-        if rank == 0:
-            torch.save(emb, emb_path + ".tmp")
-            os.replace(emb_path + ".tmp", emb_path)
-    emb_train, emb_eval = emb["train"], emb["eval"]
+    emb_train, emb_eval = prompt_embedding_cache(cfg, tokenizer.pad_token_id, train_toks, eval_toks, dtype, device, rank, world)
 
     # the policy: same weights on every rank (same files, same seed for Z_φ)
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype,
@@ -624,19 +646,8 @@ def train(cfg: Config) -> dict:
 
     start_step = step
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:  # drop rows past the checkpoint: they will be recomputed
-        rows = []
-        if start_ckpt and os.path.exists(metrics_path):
-            for line in open(metrics_path):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a line cut short by a crash: it lies past the checkpoint anyway
-                    pass
-        with open(metrics_path + ".tmp", "w") as f:
-            for r in rows:
-                if r["step"] < step:
-                    f.write(json.dumps(r) + "\n")
-        os.replace(metrics_path + ".tmp", metrics_path)
+    if rank == 0:
+        truncate_metrics(metrics_path, step if start_ckpt else 0)
 
     def write_metrics(row):
         if rank == 0:  # NaN / inf are written as null: strict JSON that every tool reads
