@@ -101,12 +101,14 @@ def make_generators(seeds: list, device) -> list:
 
 @torch.no_grad()
 def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_tokens: int,
-             temperature: float, eos_id: int, pad_id: int) -> torch.Tensor:
+             temperature: float, eos_id: int, pad_id: int, stop_early: bool = True) -> torch.Tensor:
     """Sample `group_size` responses for each of the B prompts.
 
     prompt_ids, prompt_mask: (B, P) left-padded. gens: B torch.Generators (one per prompt).
     Returns response ids (B*G, R), row b*G+g the g-th sample of prompt b; after EOS, pad_id.
     temperature == 0 means greedy. Sampling uses the Gumbel-max trick with per-prompt noise.
+    stop_early=False runs all max_new_tokens steps even when every row has ended: a sharded (FSDP)
+    model runs collectives in every forward, so all ranks must make the same number of calls.
     """
     B, G = prompt_ids.size(0), group_size
     ids = prompt_ids.repeat_interleave(G, 0)  # (B*G, P)
@@ -127,7 +129,7 @@ def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_t
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         done |= tok == eos_id
-        if done.all():
+        if stop_early and done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,

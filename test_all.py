@@ -836,7 +836,7 @@ def test_presets():
     cfg = train.make_config(train.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
     assert cfg.model == "Qwen/Qwen2.5-Math-1.5B" and cfg.verifier == "math" and cfg.lr == 2e-6  # CLI wins
     assert cfg.beta == 0.05 and cfg.group_size == 8 and cfg.max_new_tokens == 3072 and cfg.dtype == "bfloat16"
-    assert train.make_config({"preset": "paper_math_7b"}).grad_ckpt
+    assert train.make_config({"preset": "paper_math_7b"}).grad_ckpt and train.make_config({"preset": "paper_math_7b"}).fsdp
     with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
         train.make_config({"preset": "paper_math_70b"})
 
@@ -851,3 +851,31 @@ def test_bench_prints_the_phase_split(capsys):
     if not torch.cuda.is_available():  # on CPU, a shape whose training state cannot fit is refused up front
         with pytest.raises(SystemExit, match="run it on a GPU"):
             bench.main(["--shape=qwen2.5-7b"])
+
+
+def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_path):
+    """FSDP2 on 2 CPU processes (gloo): the same updates as one process, and exact resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = {k: str(tmp_path / k) for k in ("plain", "fsdp", "part")}
+    base = run_args(small_testbed, "X", max_steps=4, eval_every=2, ckpt_every=2, replay_per_step=2)  # even: see README
+    args = lambda name, *extra: [a.replace("=X", "=" + out[name]) for a in base] + list(extra)  # noqa: E731
+
+    def ok(p):
+        assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
+
+    ok(subprocess.run([sys.executable, "train.py", *args("plain")], cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + args("fsdp", "--fsdp=true"), cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + args("part", "--fsdp=true", "--max_steps=2"), cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + [f"--resume={out['part']}", "--max_steps=4"], cwd=HERE, env=env, capture_output=True, text=True))
+    plain, fsdp, part = (read_metrics(out[k]) for k in ("plain", "fsdp", "part"))
+    for ra, rb in zip(plain, fsdp):
+        for k in ("reward_mean", "loss", "acc_est_abs_err", "eval_acc", "param_checksum"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+    assert [untimed(r) for r in fsdp] == [untimed(r) for r in part]  # resumed FSDP run = uninterrupted one
+    from transformers import AutoModelForCausalLM  # the checkpoint holds the full (unsharded) HF weights
+
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out["fsdp"], "ckpt_000004", "model"))
+    assert sum(p.numel() for p in saved.parameters()) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").parameters())

@@ -58,6 +58,7 @@ class Config:
     preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
     attn_impl: str = "sdpa"  # attention kernel: sdpa (PyTorch) | flash_attention_2 (needs flash-attn) | eager
     grad_ckpt: bool = False  # gradient checkpointing: recompute activations in backward (large models)
+    fsdp: bool = False  # shard the policy's weights, gradients and AdamW state over ranks with FSDP2
     # --- model and data
     model: str = "testbed/model"  # HF hub id or local path of the initial policy (also π_ref, and e(x))
     train_data: str = "testbed/train.jsonl"  # json / jsonl prompts with the fields below
@@ -122,7 +123,7 @@ _PAPER_MATH = dict(
 PRESETS = {
     "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64},
     "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,
-                      "grad_ckpt": True},
+                      "grad_ckpt": True, "fsdp": True},
 }
 
 
@@ -244,11 +245,35 @@ def gather(obj, world):
     return out
 
 
+def is_sharded(p) -> bool:
+    return hasattr(p, "full_tensor")  # a DTensor: a parameter sharded by FSDP2
+
+
+def shard_model(lm, world, device):
+    """FSDP2: each decoder block, then the whole model, sharded over all ranks (ZeRO-3 style).
+    FSDP reduce-scatters the gradients of sharded weights itself; sync_grads handles the rest (Z_φ)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    blocks = next(m for m in lm.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == lm.config.num_hidden_layers)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+    lm.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum; FSDP then averages
+    return lm
+
+
 def sync_grads(params, world):
     """Sum gradients over ranks in one flat all-reduce. Each rank's loss is its share of the global
-    mean (local sum / global count), so the sum is exactly the gradient of the global-batch loss."""
+    mean (local sum / global count), so the sum is exactly the gradient of the global-batch loss.
+    Sharded (FSDP) gradients arrive already reduced, averaged over ranks: they are scaled to the sum."""
     if world == 1:
         return
+    for p in params:
+        if is_sharded(p) and p.grad is not None:
+            p.grad.mul_(world)
+    params = [p for p in params if not is_sharded(p)]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -365,7 +390,7 @@ def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
     for i in range(0, len(prompt_toks), size):
         gens = paced_rl.make_generators(seeds[i:i + size], device)
         chunks.append(paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], cfg.group_size, gens,
-                                        cfg.max_new_tokens, temperature, eos, pad))
+                                        cfg.max_new_tokens, temperature, eos, pad, stop_early=not cfg.fsdp))
     R = max(c.size(1) for c in chunks)
     resp = torch.cat([torch.nn.functional.pad(c, (0, R - c.size(1)), value=pad) for c in chunks])  # (B*G, R)
     rmask = paced_rl.response_mask(resp, eos)
@@ -475,17 +500,36 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def full_state(policy, opt, cfg):
+    """(HF weights, optimizer state) as plain tensors; with FSDP a collective that every rank must call."""
+    if not cfg.fsdp:
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(policy.lm, options=o), get_optimizer_state_dict(policy, opt, options=o)
+
+
+def load_opt_state(policy, opt, osd, cfg):
+    if not cfg.fsdp:
+        return opt.load_state_dict(osd)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(policy, opt, osd, options=StateDictOptions(full_state_dict=True))
+
+
 def save_checkpoint(cfg, policy, tokenizer, opt, state: dict, rank):
     """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept.
     manifest.json records each file's size and sha256, so a damaged file is found and named."""
+    model_sd, opt_sd = full_state(policy, opt, cfg)
     if rank != 0:
         return
     final = os.path.join(cfg.out_dir, f"ckpt_{state['step']:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.lm.save_pretrained(os.path.join(tmp, "model"))
+    policy.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"logz": policy.logz.state_dict(), "opt": opt.state_dict(), **state, "config": dataclasses.asdict(cfg)},
+    torch.save({"logz": policy.logz.state_dict(), "opt": opt_sd, **state, "config": dataclasses.asdict(cfg)},
                os.path.join(tmp, "state.pt"))
     files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
     manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))} for f in files}
@@ -556,7 +600,8 @@ def main(argv=None):
 
 
 def param_checksum(params) -> float:
-    return float(sum(p.detach().double().pow(2).sum() + p.detach().double().sum() for p in params))
+    full = [p.full_tensor() if is_sharded(p) else p for p in params]  # all-gathers sharded weights
+    return float(sum(p.detach().double().pow(2).sum() + p.detach().double().sum() for p in full))
 
 
 def check_ranks_agree(params, world, device):
@@ -623,6 +668,8 @@ def train(cfg: Config) -> dict:
                                               attn_implementation=cfg.attn_impl).to(device)
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable()
+    if cfg.fsdp and world > 1:
+        shard_model(lm, world, device)
     torch.manual_seed(cfg.seed)
     logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
     logz.set_normalization(emb_train)
@@ -637,7 +684,7 @@ def train(cfg: Config) -> dict:
     if start_ckpt:
         st = torch.load(os.path.join(start_ckpt, "state.pt"), weights_only=False)
         logz.load_state_dict(st["logz"])
-        opt.load_state_dict(st["opt"])
+        load_opt_state(policy, opt, st["opt"], cfg)
         pool.load_state_dict(st["pool"])
         buf.load_state_dict(st["replay"])
         replay_rng.bit_generator.state = st["replay_rng"]
@@ -706,6 +753,8 @@ def train(cfg: Config) -> dict:
         # 4. replay: draw from earlier steps (the same draw on every rank); this step's samples join later
         t3 = time.time()
         drawn = buf.sample(cfg.replay_per_step, replay_rng) if cfg.replay == "on" else []
+        if cfg.fsdp:  # every rank must run the same number of forward passes through the sharded model
+            drawn = drawn[:len(drawn) - len(drawn) % world]
         my_replay = drawn[rank::world]
 
         # 5. one optimizer step on the TB loss over fresh + replayed samples, in micro-batches
@@ -725,7 +774,8 @@ def train(cfg: Config) -> dict:
             loss_local += tb_backward(policy, replayed, cfg, n_global)[0]
         global_loss = all_sum(loss_local, world, device)  # every rank sees the same value: they skip together
         sync_grads(params, world)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
         gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf")))
         if math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
             opt.step()
