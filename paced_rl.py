@@ -23,6 +23,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 
 class LogZHead(nn.Module):
@@ -139,20 +140,36 @@ def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_t
     return torch.stack(tokens, 1)
 
 
-def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0):
+def _token_logprobs(head, h, targets, temperature: float):
+    """log π(target) from hidden states through the output head: (N, r, H), (N, r) -> (N, r), in float32."""
+    logits = head(h).float()
+    if temperature > 0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0, chunk: int = 0):
     """Σ_t log π(y_t | x, y_<t) over masked response tokens, and the token count. Both (N,).
 
     prompt_*: (N, P) left-padded; resp_*: (N, R) right-padded. Logits are divided by the sampling
     temperature, so at T ≠ 1 this is the log-prob of the distribution that was sampled from.
+    chunk > 0: the output head runs over `chunk` response positions at a time, each chunk recomputed in
+    backward (activation checkpointing), so the (N, R, V) float32 logits never exist at once: with a
+    150k vocabulary and 3k-token responses they would take tens of GB. Same values and gradients.
     """
     ids = torch.cat([prompt_ids, resp_ids], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     P = prompt_ids.size(1)
-    logits = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
-    logits = logits[:, P - 1:-1].float()  # (N, R, V): position P-1+t predicts response token t
-    if temperature > 0:
-        logits = logits / temperature
-    tok_lp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)  # (N, R)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    if chunk <= 0:
+        logits = lm(**kw).logits[:, P - 1:-1]  # (N, R, V): position P-1+t predicts response token t
+        tok_lp = _token_logprobs(lambda x: x, logits, resp_ids, temperature)
+    else:
+        h = lm.base_model(**kw).last_hidden_state[:, P - 1:-1]  # (N, R, H)
+        head = lm.get_output_embeddings()
+        tok_lp = torch.cat([torch.utils.checkpoint.checkpoint(_token_logprobs, head, h[:, i:i + chunk],
+                                                              resp_ids[:, i:i + chunk], temperature, use_reentrant=False)
+                            for i in range(0, h.size(1), chunk)], 1)  # (N, R)
     m = resp_mask.to(tok_lp.dtype)
     return (tok_lp * m).sum(-1), m.sum(-1)
 

@@ -688,7 +688,8 @@ def test_long_prompts_are_skipped_and_counted():
 def test_bad_config_values():
     for args, msg in ((["--select=greedy"], "select='greedy'"), (["--tau=1.5"], "tau must be in"),
                       (["--verifier=maths"], "verifier='maths'"), (["--group_size=0"], "group_size must be"),
-                      (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller")):
+                      (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller"),
+                      (["--fsdp=on", "--logit_chunk=64"], "logit_chunk calls the model's body")):
         with pytest.raises(SystemExit, match=msg):
             train.check_config(train.Config(**train.parse_args(args)))
 
@@ -804,7 +805,7 @@ def test_real_model_path_two_processes(math_files, tmp_path):
             "prompt_field": "problem", "answer_field": "answer", "verifier": "math", "out_dir": out,
             "prompt_suffix": " Put the answer in \\boxed{}.", "prompts_per_step": 4, "group_size": 2,
             "pool_size": 8, "max_new_tokens": 8, "max_steps": 2, "eval_every": 1, "eval_samples": 2,
-            "micro_batch": 3, "rollout_batch": 1, "replay_per_step": 2, "testbed_dir": ""}
+            "micro_batch": 3, "rollout_batch": 1, "logit_chunk": 3, "replay_per_step": 2, "testbed_dir": ""}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                         *[f"--{k}={v}" for k, v in args.items()]], cwd=HERE, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -879,3 +880,21 @@ def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_pat
     saved = AutoModelForCausalLM.from_pretrained(os.path.join(out["fsdp"], "ckpt_000004", "model"))
     assert sum(p.numel() for p in saved.parameters()) == sum(
         p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").parameters())
+
+
+def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
+    lm, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], pad)
+    resp = torch.tensor([[4, 5, 6, 7, eos, pad, pad], [6, 7, 8, 9, 10, 11, eos]])
+    rm = paced_rl.response_mask(resp, eos)
+    grads = []
+    for chunk in (0, 3):
+        lm.zero_grad()
+        lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm, 0.7, chunk=chunk)
+        (lp * torch.tensor([1.0, -2.0])).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in lm.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-5)
+    lm.zero_grad()

@@ -78,6 +78,7 @@ class Config:
     max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
     rollout_batch: int = 0  # prompts per generation call (bounds KV-cache memory); 0 = all of a rank's prompts
     micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
+    logit_chunk: int = 0  # response positions per output-head chunk, recomputed in backward (big vocabularies); 0 = all
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
     # --- PACED-RL
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
@@ -121,7 +122,8 @@ _PAPER_MATH = dict(
     eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
     testbed_dir="", out_dir="runs/paper_math")
 PRESETS = {
-    "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64},
+    "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64,
+                        "logit_chunk": 512},
     "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,
                       "grad_ckpt": True, "fsdp": True},
 }
@@ -202,6 +204,9 @@ def check_config(cfg: Config):
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
         raise SystemExit(f"config: pool_size={cfg.pool_size} is smaller than prompts_per_step={cfg.prompts_per_step}")
+    if cfg.fsdp and cfg.logit_chunk > 0:
+        raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "
+                         "does not allow; with --fsdp=true bound the logits' memory with micro_batch instead")
     if cfg.verifier not in verify.VERIFIERS:
         raise SystemExit(f"config: verifier={cfg.verifier!r}; known: {sorted(verify.VERIFIERS)}")
 
@@ -415,7 +420,8 @@ def tb_backward(policy, b: dict, cfg, n_global: int):
     total, logps, ntoks = 0.0, [], []
     for i in range(0, N, size):
         s = slice(i, i + size)
-        logp, ntok = paced_rl.sequence_logprobs(policy.lm, b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature)
+        logp, ntok = paced_rl.sequence_logprobs(policy.lm, b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s],
+                                                cfg.temperature, cfg.logit_chunk)
         cur = logp.detach()
         log_z = policy.logz(b["emb"][s])
         if not b["train_logz"]:
@@ -439,7 +445,8 @@ def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg):
     """Summed response log-probs (N,) without gradients, in micro-batches."""
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
     return torch.cat([paced_rl.sequence_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
-                                                 rmask[i:i + size], cfg.temperature)[0] for i in range(0, resp.size(0), size)])
+                                                 rmask[i:i + size], cfg.temperature, cfg.logit_chunk)[0]
+                      for i in range(0, resp.size(0), size)])
 
 
 def prompt_embedding_cache(cfg, pad_id, train_toks, eval_toks, dtype, device, rank, world):
