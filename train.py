@@ -12,10 +12,14 @@ Data parallelism is written by hand: prompts are sharded over ranks after select
 computes its share of the global-mean loss, gradients are summed with one all-reduce, so the update
 equals the one-process update on the global batch (what DDP does, in ten lines you can read).
 
-Where we depart from or fill in the paper (each a config field below): the candidate pool, the
-initial estimate p0, replayed samples drawn *before* this step's are added (a trajectory never
-appears twice in one update), replayed samples anchored on the current policy with a clipped
-importance weight and not training Z_φ. Run `python train.py --help` for every field.
+Where we depart from or fill in the paper (each a config field below): the candidate pool and
+exploration slots, the initial estimate p0, replayed samples drawn *before* this step's are added (a
+trajectory never appears twice in one update), replayed samples anchored on the current policy with a
+clipped importance weight and not training Z_φ. One optimizer step per rollout batch, so log π_old is
+the update's own forward pass, detached. Run `python train.py --help` for every field.
+
+Faults: checkpoints are atomic and checksummed (resume falls back past a damaged one), a NaN loss skips
+its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current step (README).
 """
 
 import dataclasses
@@ -84,7 +88,7 @@ class Config:
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
     tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
     select: str = "paced"  # paced: B candidates nearest τ | uniform: the first B of the pool (baseline)
-    explore_frac: float = 0.25  # share of the B prompts drawn uniformly from the rest of the pool (ours)
+    explore_frac: float = 0.5  # share of the B prompts drawn uniformly from the rest of the pool (ours; 0 = paper)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
@@ -105,7 +109,7 @@ class Config:
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
     eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
-    eval_samples: int = 16  # samples per held-out prompt at `temperature`
+    eval_samples: int = 32  # samples per held-out prompt at `temperature` (the paper: 32 for AIME)
     eval_batch: int = 64  # held-out prompts per generation batch
     ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
