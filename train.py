@@ -72,7 +72,7 @@ class Config:
     eval_prompt_field: str = ""  # the held-out file's prompt field, if it differs ("" = prompt_field)
     eval_answer_field: str = ""  # the held-out file's answer field, if it differs ("" = answer_field)
     prompt_suffix: str = ""  # appended to every prompt text, e.g. an instruction to box the final answer
-    verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | code
+    verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | math | code
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
@@ -169,7 +169,7 @@ def parse_args(argv) -> dict:
             docs = field_docs()
             print(__doc__.split("\n\n")[0] + "\n\nConfig (override with --key=value):")
             for f in dataclasses.fields(Config):
-                print(f"  --{f.name}={getattr(defaults, f.name)!r:<24} {docs.get(f.name, '')}")
+                print(f"  {'--' + f.name + '=' + repr(getattr(defaults, f.name)):<40} {docs.get(f.name, '')}")
             raise SystemExit(0)
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"config: expected --key=value, got {arg!r}")
