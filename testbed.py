@@ -111,12 +111,6 @@ def make_problem(rng: random.Random, max_digits: int):
     return f"{a}+{b}=", str(a + b)[::-1]
 
 
-def difficulty(prompt: str) -> str:
-    """A human-readable bucket, e.g. '2+3' for a 2-digit plus a 3-digit operand."""
-    a, b = prompt.rstrip("=").split("+")
-    return f"{len(a)}+{len(b)}"
-
-
 def make_splits(cfg: TestbedConfig):
     """Disjoint train and held-out prompt lists of {'prompt', 'answer'} dicts."""
     rng = random.Random(cfg.seed)

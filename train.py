@@ -615,7 +615,7 @@ def param_checksum(params) -> float:
     return float(sum(p.detach().double().pow(2).sum() + p.detach().double().sum() for p in full))
 
 
-def check_ranks_agree(params, world, device):
+def check_ranks_agree(params, world):
     """Raise if the ranks' parameters have drifted apart (they must be bitwise equal)."""
     c = param_checksum(params)
     if world > 1:
@@ -844,7 +844,7 @@ def train(cfg: Config) -> dict:
             log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
         stop = all_sum(float(stop_signal[0] is not None), world, device) > 0  # all ranks stop at the same step
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps or stop:
-            check_ranks_agree(params, world, device)
+            check_ranks_agree(params, world)
             save_checkpoint(cfg, policy, tokenizer, opt, {"step": step + 1, "rollouts": rollouts, "skipped_updates": skipped,
                             "pool": pool.state_dict(), "replay": buf.state_dict(),
                             "replay_rng": replay_rng.bit_generator.state}, rank)
@@ -861,7 +861,7 @@ def train(cfg: Config) -> dict:
         signal.signal(sig, h)
     final_step = max(cfg.max_steps, start_step)  # a checkpoint past max_steps is evaluated where it is
     row = {"step": final_step, "rollouts": rollouts, **eval_metrics(),
-           "param_checksum": check_ranks_agree(params, world, device)}
+           "param_checksum": check_ranks_agree(params, world)}
     write_metrics(row)
     log(f"done: step {final_step}, held-out accuracy {row['eval_acc']:.3f}, "
         f"calibration corr {row['eval_acc_est_corr']}, metrics in {metrics_path}")
