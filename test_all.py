@@ -898,3 +898,12 @@ def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(g0, g1, atol=1e-5)
     lm.zero_grad()
+
+
+def test_sandbox_without_root_still_caps_processes(tmp_path):
+    """The non-root path (no namespaces): RLIMIT_NPROC allows `nproc` processes beyond the user's count."""
+    cfg = {**FAST.__dict__, "root": False, "python_prefix": sys.base_prefix, "hide_dir": None, "user_procs": 40}
+    job = {"mode": "stdio", "stdin": "", "program": "import resource, os\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0], os.getcwd())"}
+    p = subprocess.run([sys.executable, "-I", "-S", "-c", verify._SANDBOX, json.dumps(cfg)], input=json.dumps(job).encode(),
+                       capture_output=True, cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    assert p.stdout.decode().split() == [str(40 + FAST.nproc), str(tmp_path)]

@@ -20,8 +20,8 @@ enters new mount, network and PID namespaces: private size-capped tmpfs over /tm
 the program as PID 1 of its namespace (when it exits, every process it started dies with it), then
 drops to the `nobody` user (so it cannot write the file system, signal the trainer, or read other
 processes' environments, and RLIMIT_NPROC caps forks). Without root, the namespaces and the user
-switch are skipped: the limits, the timeout and the process-group kill remain, and the README says
-what that leaves open.
+switch are skipped: the limits (RLIMIT_NPROC then allows `nproc` processes beyond the user's current
+count), the timeout and the process-group kill remain, and the README says what that leaves open.
 """
 
 import json
@@ -95,6 +95,9 @@ if cfg["root"]:
     os.chdir("/tmp")
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
+elif cfg["user_procs"] is not None:  # RLIMIT_NPROC counts all of this user's processes: allow nproc more
+    n = cfg["user_procs"] + cfg["nproc"]
+    resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
 for lim, v in ((resource.RLIMIT_CPU, cfg["cpu_s"]), (resource.RLIMIT_FSIZE, cfg["output_mb"] << 20),
                (resource.RLIMIT_NOFILE, cfg["nofile"]), (resource.RLIMIT_AS, cfg["memory_mb"] << 20)):
     resource.setrlimit(lim, (v, v))
@@ -131,6 +134,15 @@ def _closed_ancestor(path: str):
     return None
 
 
+def _user_processes():
+    """How many processes this user runs (Linux /proc), or None where that cannot be counted."""
+    try:
+        uid = os.getuid()
+        return sum(1 for p in os.listdir("/proc") if p.isdigit() and os.stat(f"/proc/{p}").st_uid == uid)
+    except OSError:
+        return None
+
+
 def _kill_session(pgid: int, wait_s: float = 5.0):
     """SIGKILL the process group until it is empty. The PID-namespace init is in it and exits only once
     every process of its namespace is gone, so an empty group means nothing of the program is left."""
@@ -146,7 +158,8 @@ def _kill_session(pgid: int, wait_s: float = 5.0):
 def run_sandboxed(program: str, job: dict, limits: SandboxLimits = SandboxLimits()):
     """Run `program` on one test in the sandbox. Returns (stdout text, timed_out)."""
     root = hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
-    cfg = {**limits.__dict__, "root": root, "python_prefix": sys.base_prefix, "hide_dir": _closed_ancestor(sys.base_prefix)}
+    cfg = {**limits.__dict__, "root": root, "python_prefix": sys.base_prefix, "hide_dir": _closed_ancestor(sys.base_prefix),
+           "user_procs": None if root else _user_processes()}
     with tempfile.TemporaryDirectory(prefix="paced_sandbox_") as work, tempfile.TemporaryFile() as out:
         os.chmod(work, 0o700)
         p = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SANDBOX, json.dumps(cfg)],
