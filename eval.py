@@ -63,15 +63,15 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
     n = 1 if temperature == 0 else n_samples
     sub = dataclasses.replace(cfg, group_size=n)
     mine = list(range(rank, len(toks), world))
-    per_rank = -(-len(toks) // world)
-    mine += [mine[0] if mine else 0] * (per_rank - len(mine))  # equal shards: a sharded model needs lockstep
+    n_mine = len(mine)
+    mine += [mine[0] if mine else 0] * (-(-len(toks) // world) - n_mine)  # equal shards: a sharded model needs lockstep
     recs = []
     for i in range(0, len(mine), cfg.eval_batch):
         idx = mine[i:i + cfg.eval_batch]
         seeds = [train.seed_of(cfg.seed, 1, j) for j in idx]
         texts = train.rollout(lm, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)[-1]
         for k, j in enumerate(idx):
-            if i + k >= len(range(rank, len(toks), world)):
+            if i + k >= n_mine:
                 break  # padding of this rank's shard: not scored
             r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n, cfg.verifier_workers)
             recs.append((j, sum(r) / n))

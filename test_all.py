@@ -325,7 +325,7 @@ def test_cli_errors_and_help(capsys):
     assert "--logz_lr" in out and "Z_φ learning rate" in out
 
 
-def test_testbed_is_an_ordinary_hf_model_with_a_spread(small_testbed):
+def test_testbed_is_an_ordinary_hf_model_with_disjoint_splits(small_testbed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(f"{small_testbed}/model")

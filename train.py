@@ -4,8 +4,9 @@ One step (DESIGN.md §6):
   1. score a candidate pool with p̂ = β·log Z_φ(e(x)) and select B prompts near τ  (scheduler.py)
   2. roll out G responses per prompt with the current policy, π_old := π_θ        (paced_rl.py)
   3. verify: reward r ∈ {0, 1}, per-prompt accuracy a(x), error e(x) = |a − p̂|      (verify.py)
-  4. draw replayed correct trajectories, then add this step's highest-error ones    (replay.py)
-  5. one optimizer step on the TB loss over fresh + replayed samples, in θ and φ   (tb_loss.py)
+  4. draw replayed correct trajectories from earlier steps                          (replay.py)
+  5. one optimizer step on the TB loss over fresh + replayed samples, in θ and φ   (tb_loss.py);
+     then this step's highest-error correct trajectories enter the buffer
   6. log metrics reduced over all ranks to <out_dir>/metrics.jsonl
 
 Data parallelism is written by hand: prompts are sharded over ranks after selection, every rank
