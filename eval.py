@@ -1,11 +1,16 @@
-"""Evaluation: held-out accuracy (sampled and greedy) and the calibration of p̂ = β·log Z_φ.
+"""Evaluation: held-out accuracy (sampled and greedy), pass@k, the calibration of p̂ = β·log Z_φ, and
+the comparison of methods over seeds.
 
     python eval.py --run=runs/paced              # newest checkpoint of a run, and its initial model
     python eval.py --model=testbed/model         # any HF model on the run config's held-out data
     python eval.py --preset=paper_math_1.5b --model=<ckpt>/model --eval_data=HuggingFaceH4/aime_2024 --eval_samples=32
+    python eval.py --compare=runs/compare        # runs named <method>_s<seed>: table.md and plots
 
 Reports mean accuracy over `eval_samples` samples per prompt (the paper: 32 for AIME), greedy
-accuracy, and pass@k for k = 1, 2, 4, ... up to eval_samples (the unbiased estimator of Chen et al.).
+accuracy, pass@k for k = 1, 2, 4, ... up to eval_samples (the unbiased estimator of Chen et al.),
+the number of distinct correct responses per prompt (diversity, where a task admits several; the
+testbed's sums have one), and for a PACED-RL checkpoint the calibration of p̂ (mean |p̂ − a|, Pearson
+correlation, and a reliability plot, <run>/reliability.png).
 
 Evaluation is sharded over all ranks (each rank samples its share of the prompts, then one gather),
 so it runs the same under `torchrun`. Each held-out prompt's sampling noise is seeded by the prompt,
@@ -47,6 +52,39 @@ def pass_at_ks(n: int, correct) -> dict:
     return {k: float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in ks}
 
 
+def distinct_correct(texts, rewards) -> int:
+    """How many different correct responses (whitespace-normalized) a prompt's samples hold."""
+    return len({" ".join(t.split()) for t, r in zip(texts, rewards) if r == 1.0})
+
+
+def reliability_bins(p_hat, acc, bins: int = 10) -> list:
+    """The reliability diagram's data: p̂ cut into `bins` equal-width bins on [0, 1]; for each non-empty
+    bin (lo, hi, count, mean p̂, mean observed accuracy). A calibrated p̂ has mean p̂ ≈ mean accuracy."""
+    p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
+    which = np.clip((p_hat * bins).astype(int), 0, bins - 1)
+    return [(b / bins, (b + 1) / bins, int((which == b).sum()), float(p_hat[which == b].mean()),
+             float(acc[which == b].mean())) for b in range(bins) if (which == b).any()]
+
+
+def plot_reliability(series: dict, path: str, title: str = ""):
+    """One reliability curve per label: series = {label: (p_hat, acc)}; writes a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+    for label, (p, a) in series.items():
+        rows = reliability_bins(p, a)
+        ax.plot([r[3] for r in rows], [r[4] for r in rows], marker="o", label=label)
+    ax.set(xlabel="estimated accuracy p̂ = β·log Z_φ (bin mean)", ylabel="observed accuracy (bin mean)",
+           xlim=(0, 1), ylim=(0, 1), title=title or "held-out calibration of p̂")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def calibration(p_hat, acc) -> dict:
     """How well p̂ estimates the observed per-prompt accuracy a."""
     p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
@@ -54,9 +92,11 @@ def calibration(p_hat, acc) -> dict:
 
 
 @torch.no_grad()
-def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world, n_samples, temperature):
+def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world, n_samples, temperature,
+                     distinct: bool = False):
     """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample), for every
-    prompt in `toks`, in order; the work is sharded over ranks and gathered."""
+    prompt in `toks`, in order; the work is sharded over ranks and gathered. distinct=True also
+    returns each prompt's number of distinct correct responses."""
     import train
     import verify
 
@@ -74,9 +114,145 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
             if i + k >= n_mine:
                 break  # padding of this rank's shard: not scored
             r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n, cfg.verifier_workers)
-            recs.append((j, sum(r) / n))
+            recs.append((j, sum(r) / n, distinct_correct(texts[k * n:(k + 1) * n], r)))
     recs = sorted(sum(train.gather(recs, world), []))
-    return np.array([a for _, a in recs])
+    acc = np.array([a for _, a, _ in recs])
+    return (acc, np.array([d for _, _, d in recs])) if distinct else acc
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+def eval_curve(rows: list) -> list:
+    """[(rollouts spent, held-out accuracy)] from a run's metrics rows. The evaluation logged with step s
+    runs before that step's rollouts, so it is charged the rollouts of steps 0..s−1; the final row's, all."""
+    curve, spent = [], 0
+    for r in rows:
+        if "eval_acc" in r and r["eval_acc"] is not None:
+            curve.append((r["rollouts"] if "loss" not in r else spent, r["eval_acc"]))
+        spent = r.get("rollouts", spent)
+    return curve
+
+
+def rollouts_to_reach(curve: list, target: float):
+    """Rollouts at which the accuracy curve first reaches `target`, interpolated linearly between
+    evaluations; None if it never does."""
+    for i, (r, a) in enumerate(curve):
+        if a >= target:
+            if i == 0:
+                return float(r)
+            r0, a0 = curve[i - 1]
+            return float(r0 + (target - a0) / (a - a0) * (r - r0))
+    return None
+
+
+def load_runs(roots: str) -> dict:
+    """{method: [run, ...]} for the finished runs <root>/<method>_s<seed> of each comma-separated root;
+    each run a dict of its metrics rows, per-prompt final held-out values and config."""
+    import re
+
+    runs = {}
+    for root, d in sorted((r, d) for r in roots.split(",") if os.path.isdir(r) for d in os.listdir(r)):
+        m = re.fullmatch(r"(.+)_s(\d+)", d)
+        path = os.path.join(root, d)
+        if not m or not os.path.exists(os.path.join(path, "heldout_final.json")):
+            continue
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(path, "heldout_final.json")) as f:
+            final = json.load(f)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        runs.setdefault(m.group(1), []).append({"seed": int(m.group(2)), "rows": rows, "final": final, "config": cfg})
+    return runs
+
+
+def _stat(xs, fmt="{:.3f}"):
+    """'median [min, max]' over seeds; a value missing for some seed (never reached) counts as above every other."""
+    if not xs:
+        return "–"
+    known = sorted(x for x in xs if x is not None)
+    if len(known) < len(xs):
+        med = sorted(xs, key=lambda x: (x is None, x or 0))[len(xs) // 2]
+        med_s = "not reached" if med is None else fmt.format(med)
+        return f"{med_s} [{fmt.format(known[0]) if known else '–'}, not reached by {len(xs) - len(known)}]"
+    return f"{fmt.format(float(np.median(known)))} [{fmt.format(known[0])}, {fmt.format(known[-1])}]"
+
+
+def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only"), focus: str = "paced") -> str:
+    """The comparison table (markdown, also written to <out>/table.md) and two PNGs: held-out accuracy
+    against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
+    A target's accuracy is the baseline's final held-out accuracy, median over its seeds; the ratio
+    is the median rollouts `focus` needs to reach it over the median the baseline needs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_runs(root)
+    if not runs:
+        raise SystemExit(f"compare: no finished runs named <method>_s<seed> in {root}")
+    order = ["grpo", "grpo_dynamic", "flowrl", "paced_select_only", "paced_replay_only", "paced"]
+    runs = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+    os.makedirs(out, exist_ok=True)
+    final_acc = {m: float(np.median([np.mean(r["final"]["acc"]) for r in rs])) for m, rs in runs.items()}
+    targets = [t for t in targets if t in runs]
+    reach = {m: {t: [rollouts_to_reach(eval_curve(r["rows"]), final_acc[t]) for r in rs] for t in targets}
+             for m, rs in runs.items()}
+
+    def med_reach(m, t):
+        xs = reach[m][t]
+        return None if sum(x is None for x in xs) * 2 > len(xs) else float(np.median([x if x is not None else np.inf for x in xs]))
+
+    head = ["method", "seeds", "final pass@1", "final pass@8"]
+    head += [f"rollouts to {t}'s {final_acc[t]:.3f}" for t in targets]
+    head += ["step time (s)", "p̂ corr (held-out)", "mean abs(p̂ − a)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, rs in runs.items():
+        finals = [r["rows"][-1] for r in rs]
+        p1 = [f["eval_pass_at_k"]["1"] for f in finals]
+        p8 = [f["eval_pass_at_k"].get("8") for f in finals]
+        cells = [m, str(len(rs)), _stat(p1), _stat(p8) if None not in p8 else "–"]
+        cells += [_stat(reach[m][t], "{:,.0f}") for t in targets]
+        cells.append(_stat([float(np.mean([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]))
+        corr = [f.get("eval_acc_est_corr") for f in finals]
+        err = [f.get("eval_acc_est_abs_err") for f in finals]
+        cells += [_stat(corr, "{:.2f}") if None not in corr else "–", _stat(err) if None not in err else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if focus in runs:
+        lines.append("")
+        for t in targets:
+            a, b = med_reach(focus, t), med_reach(t, t)
+            if b is None:
+                lines.append(f"- {t} itself does not reach its median final accuracy in the median over seeds: no ratio")
+            elif a is None:
+                lines.append(f"- {focus} does not reach {t}'s final held-out accuracy {final_acc[t]:.3f} "
+                             f"(in the median over seeds) within its {max(r['rows'][-1]['rollouts'] for r in runs[focus]):,} rollouts")
+            else:
+                lines.append(f"- {focus} reaches {t}'s final held-out accuracy {final_acc[t]:.3f} in {a / b:.2f}× the rollouts "
+                             f"{t} needs ({a:,.0f} vs {b:,.0f}; medians over seeds)")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, rs in runs.items():
+        curves = [eval_curve(r["rows"]) for r in rs]
+        n = min(len(c) for c in curves)
+        x = np.median([[p[0] for p in c[:n]] for c in curves], 0)
+        ys = np.array([[p[1] for p in c[:n]] for c in curves])
+        (line,) = ax.plot(x, np.median(ys, 0), label=f"{m} (median of {len(rs)})")
+        ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="rollouts (sampled responses, all of them counted)", ylabel="held-out accuracy (pass@1)",
+           title="held-out accuracy against rollouts (band: min–max over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_rollouts.png"), dpi=120)
+    plt.close(fig)
+    series = {m: (np.concatenate([r["final"]["p_hat"] for r in rs]), np.concatenate([r["final"]["acc"] for r in rs]))
+              for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}
+    if series:
+        plot_reliability(series, os.path.join(out, "reliability.png"), "held-out calibration of p̂ at the end (all seeds)")
+    return table
 
 
 def main(argv):
@@ -84,9 +260,13 @@ def main(argv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "compare" in args:
+        table = compare(args["compare"], args.get("out", args["compare"]))
+        print(table, end="")
+        return table
     run, model = args.pop("run", None), args.pop("model", None)
     if not run and not model:
-        raise SystemExit("usage: python eval.py --run=<out_dir> | --model=<hf id or path> [--key=value ...]")
+        raise SystemExit("usage: python eval.py --run=<out_dir> | --model=<hf id or path> | --compare=<dir> [--key=value ...]")
     base = {}
     if run:
         with open(os.path.join(run, "config.json")) as f:
@@ -113,12 +293,13 @@ def main(argv):
         toks = train.encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix)
         lm = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         answers = [r["answer"] for r in rows]
-        acc = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples, cfg.temperature)
+        acc, distinct = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples,
+                                         cfg.temperature, distinct=True)
         greedy = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, 1, 0.0)
         row = {"model": name, "sampled": float(acc.mean()), "greedy": float(greedy.mean()),
-               "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()),
+               "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()), "distinct": float(distinct.mean()),
                "pass_at_k": pass_at_ks(cfg.eval_samples, np.rint(acc * cfg.eval_samples))}
-        if state:  # calibration of p̂ on these prompts: e(x) from the initial model, as in training
+        if state and cfg.algo == "paced":  # calibration of p̂ on these prompts: e(x) from the initial model, as in training
             import paced_rl
             st = torch.load(state, weights_only=False)
             base = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
@@ -127,18 +308,21 @@ def main(argv):
             head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
             head.load_state_dict(st["logz"])
             with torch.no_grad():
-                row.update(calibration((cfg.beta * head(emb)).numpy(), acc))
+                p_hat = (cfg.beta * head(emb)).numpy()
+            row.update(calibration(p_hat, acc))
+            if rank == 0:
+                plot_reliability({name: (p_hat, acc)}, os.path.join(run, "reliability.png"))
         table.append(row)
     log(f"held-out: {cfg.eval_data} ({len(rows)} prompts, {cfg.eval_samples} samples at T={cfg.temperature}, greedy)")
     ks = list(table[0]["pass_at_k"])
     log("| model | sampled acc | greedy acc | " + " | ".join(f"pass@{k}" for k in ks)
-        + " | prompts with 0.1<acc<0.9 | p̂ corr | mean abs(p̂−a) |")
-    log("|---" * (6 + len(ks)) + "|")
+        + " | distinct correct / prompt | prompts with 0.1<acc<0.9 | p̂ corr | mean abs(p̂−a) |")
+    log("|---" * (7 + len(ks)) + "|")
     for r in table:
         c, e = r.get("acc_est_corr"), r.get("acc_est_abs_err")
         log(f"| {r['model']} | {r['sampled']:.3f} | {r['greedy']:.3f} | "
             + " | ".join(f"{r['pass_at_k'][k]:.3f}" for k in ks)
-            + f" | {r['mid_frac']:.2f} | {'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
+            + f" | {r['distinct']:.2f} | {r['mid_frac']:.2f} | {'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
     if world > 1:
         dist.destroy_process_group()
     return table

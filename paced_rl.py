@@ -58,8 +58,23 @@ class LogZHead(nn.Module):
         return (torch.sigmoid(out) if self.output == "sigmoid" else out) / self.beta
 
 
+class PooledLogZHead(nn.Module):
+    """FlowRL's log Z head (a baseline, DESIGN.md §9): over the *policy's own* mean-pooled prompt
+    hidden states, gradients flowing into the LM; [Linear(H, H), GELU, LayerNorm, Dropout] × 2, then
+    Linear(H, 1). Its output is log Z in the units of FlowRL's residual, not an accuracy estimate."""
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        block = lambda: [nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Dropout(dropout)]  # noqa: E731
+        self.net = nn.Sequential(*block(), *block(), nn.Linear(dim, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N,)
+        return self.net(h.float()).squeeze(-1)
+
+
 class Policy(nn.Module):
-    """The trainable pair (π_θ, Z_φ); the LM stays a plain HF model for save_pretrained."""
+    """The trainable pair (π_θ, Z_φ); the LM stays a plain HF model for save_pretrained.
+    logz is a LogZHead (PACED-RL), a PooledLogZHead (FlowRL) or None (GRPO has no partition function)."""
 
     def __init__(self, lm: nn.Module, logz: LogZHead):
         super().__init__()
@@ -89,6 +104,12 @@ def left_pad(seqs: list, pad_id: int, device=None):
             ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, T - len(s):] = 1
     return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: list, pad_id: int, device=None):
+    """Token-id lists -> (ids, mask), both (N, T), padded on the right (responses)."""
+    ids, mask = left_pad([list(s)[::-1] for s in seqs], pad_id, device)
+    return ids.flip(1), mask.flip(1)
 
 
 def make_generators(seeds: list, device) -> list:
@@ -148,8 +169,11 @@ def _token_logprobs(head, h, targets, temperature: float):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
-def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0, chunk: int = 0):
-    """Σ_t log π(y_t | x, y_<t) over masked response tokens, and the token count. Both (N,).
+def token_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0, chunk: int = 0,
+                   prompt_state: bool = False):
+    """log π(y_t | x, y_<t) per response token, (N, R), zero where resp_mask is 0; with prompt_state=True
+    also the mean of the last hidden states over the prompt tokens, (N, H), from the same forward pass
+    and with gradients (FlowRL's log Z head reads it).
 
     prompt_*: (N, P) left-padded; resp_*: (N, R) right-padded. Logits are divided by the sampling
     temperature, so at T ≠ 1 this is the log-prob of the distribution that was sampled from.
@@ -162,16 +186,29 @@ def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperat
     P = prompt_ids.size(1)
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     if chunk <= 0:
-        logits = lm(**kw).logits[:, P - 1:-1]  # (N, R, V): position P-1+t predicts response token t
+        out = lm(**kw, output_hidden_states=prompt_state)
+        logits = out.logits[:, P - 1:-1]  # (N, R, V): position P-1+t predicts response token t
         tok_lp = _token_logprobs(lambda x: x, logits, resp_ids, temperature)
+        h_all = out.hidden_states[-1] if prompt_state else None
     else:
-        h = lm.base_model(**kw).last_hidden_state[:, P - 1:-1]  # (N, R, H)
+        h_all = lm.base_model(**kw).last_hidden_state
+        h = h_all[:, P - 1:-1]  # (N, R, H)
         head = lm.get_output_embeddings()
         tok_lp = torch.cat([torch.utils.checkpoint.checkpoint(_token_logprobs, head, h[:, i:i + chunk],
                                                               resp_ids[:, i:i + chunk], temperature, use_reentrant=False)
                             for i in range(0, h.size(1), chunk)], 1)  # (N, R)
-    m = resp_mask.to(tok_lp.dtype)
-    return (tok_lp * m).sum(-1), m.sum(-1)
+    tok_lp = tok_lp * resp_mask.to(tok_lp.dtype)
+    if not prompt_state:
+        return tok_lp
+    pm = prompt_mask.unsqueeze(-1).to(h_all.dtype)
+    return tok_lp, (h_all[:, :P] * pm).sum(1).float() / pm.sum(1).clamp(min=1).float()
+
+
+def sequence_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0, chunk: int = 0):
+    """Σ_t log π(y_t | x, y_<t) over masked response tokens, and the token count. Both (N,).
+    Arguments as in token_logprobs."""
+    tok_lp = token_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature, chunk)
+    return tok_lp.sum(-1), resp_mask.to(tok_lp.dtype).sum(-1)
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ through an epoch (a shuffled pass over the data); `pool_size = 0` scores the who
 step. In uniform mode (the GRPO / FlowRL baseline) the first k of the pool are taken.
 Exploration (ours, `explore_frac`): a share of the B slots goes to pool candidates the greedy rule
 passed over, so that estimates far from τ keep being checked against observed accuracy.
+Dynamic sampling (DAPO, a baseline's rule, `keep_informative`): groups whose G rewards are all equal
+are dropped and more prompts are rolled out until the batch is full; the extra rollouts are its cost.
 Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same prompts.
 """
 
@@ -73,3 +75,12 @@ def choose_prompts(pool: PromptPool, p_hat_fn, k: int, tau: float, mode: str, n_
     greedy = order[:k - n_explore]
     rest = np.sort(order[k - n_explore:])[:n_explore]
     return cand[np.concatenate([greedy, rest])]
+
+
+def keep_informative(rewards) -> np.ndarray:
+    """DAPO's dynamic-sampling filter: True for the groups whose rewards are not all equal.
+    rewards: (n, G) -> (n,) bool."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"keep_informative: rewards must be (groups, G), got shape {r.shape}")
+    return r.max(1) > r.min(1)

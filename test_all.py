@@ -159,6 +159,80 @@ def test_kl_k3_is_nonnegative_and_zero_at_equality():
     assert torch.all(tb_loss.kl_k3(lo, lo + torch.tensor([0.3, -0.7, 1.0])) > 0)
 
 
+def test_group_advantages_hand_values_and_all_equal_groups():
+    adv = tb_loss.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), 4, 0.0)
+    s = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    assert adv[:4].tolist() == pytest.approx([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s])
+    assert adv[4:].tolist() == [0.0] * 8  # all-equal groups: zero advantage, no NaN (even with eps = 0)
+    eps_adv = tb_loss.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 4, 1e-4)
+    assert eps_adv[0].item() == pytest.approx(0.5 / (s + 1e-4))
+
+
+def grpo_case():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.0], [-0.5, -9.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    return logp, old, mask, torch.tensor([1.0, -1.0])
+
+
+def test_grpo_loss_hand_values_clip_and_aggregation():
+    # token (0,0): ρ = e^0.5 > 1.2 with Â = 1, clipped: −1.2 and no gradient; (0,1): ρ = 1, −1;
+    # (1,0): ρ = 1 with Â = −1, +1; (1,1) is masked
+    logp, old, mask, adv = grpo_case()
+    loss = tb_loss.grpo_loss(logp, old, mask, adv, 0.2, "token_mean", denom=3)
+    assert loss.item() == pytest.approx((-1.2 - 1.0 + 1.0) / 3)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, -1 / 3, 1 / 3, 0.0])
+    logp, old, mask, adv = grpo_case()
+    loss = tb_loss.grpo_loss(logp, old, mask, adv, 0.2, "seq_mean", denom=2)
+    assert loss.item() == pytest.approx(((-1.2 - 1.0) / 2 + 1.0 / 1) / 2)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, -1 / 4, 1 / 2, 0.0])
+    # below the clip with a negative advantage: ρ = 0.5 < 0.8, min(−0.5, −0.8) = −0.8, clipped
+    lp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    loss = tb_loss.grpo_loss(lp, torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([-1.0]), 0.2, "token_mean", 1)
+    assert loss.item() == pytest.approx(0.8)
+    loss.backward()
+    assert lp.grad.item() == 0.0
+    # the k3 KL to π_ref per token: exp(ref − logp) − (ref − logp) − 1
+    logp, old, mask, adv = grpo_case()
+    ref = torch.tensor([[-1.0, -1.0], [0.0, 0.0]])
+    loss = tb_loss.grpo_loss(logp, old, mask, adv, 0.2, "token_mean", 3, ref, kl_coef=0.1)
+    k3 = lambda d: math.exp(d) - d - 1  # noqa: E731
+    assert loss.item() == pytest.approx((-1.2 - 1.0 + 1.0 + 0.1 * (k3(0.0) + k3(1.0) + k3(0.5))) / 3)
+    with pytest.raises(ValueError, match="agg must be"):
+        tb_loss.grpo_loss(logp, old, mask, adv, 0.2, "sum", 3)
+
+
+def test_flowrl_loss_hand_values():
+    log_z = torch.tensor([1.0, 0.0], requires_grad=True)
+    logp = torch.tensor([-4.0, -1.0], requires_grad=True)
+    # δ₀ = 1 + (−4)/2 − (−6)/2 − 15·0.5 = −5.5 ;  δ₁ = 0 + (−1) − (−1) − 15·(−0.2) = 3
+    loss = tb_loss.flowrl_loss(log_z, logp, torch.tensor([-6.0, -1.0]), torch.tensor([2.0, 1.0]),
+                               torch.tensor([0.5, -0.2]), 15.0, weight=torch.tensor([2.0, 1.0]))
+    assert loss.item() == pytest.approx((2 * 30.25 + 9.0) / 2)
+    loss.backward()
+    assert log_z.grad.tolist() == pytest.approx([2 * 2 * -5.5 / 2, 2 * 3.0 / 2])
+    assert logp.grad.tolist() == pytest.approx([2 * 2 * -5.5 / 2 / 2, 2 * 3.0 / 2])  # length-normalized
+
+
+def test_flowrl_head_reads_the_policy_and_trains_it(tiny):
+    lm, tok = tiny
+    lm = __import__("copy").deepcopy(lm)
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("35+67=").input_ids], tok.pad_token_id)
+    resp, rm = paced_rl.right_pad([tok("3").input_ids + [tok.eos_token_id], tok("201").input_ids], tok.pad_token_id)
+    head = paced_rl.PooledLogZHead(lm.config.hidden_size)
+    lp_tok, h = paced_rl.token_logprobs(lm, pid, pm, resp, rm, prompt_state=True)
+    assert h.shape == (2, lm.config.hidden_size) and lp_tok.shape == resp.shape
+    assert lp_tok[0, 2].item() == 0.0  # masked: the first response is 2 tokens long
+    assert torch.allclose(lp_tok.sum(-1), paced_rl.sequence_logprobs(lm, pid, pm, resp, rm)[0])
+    # the pooled state is the mean over the prompt tokens only (left padding excluded)
+    alone = lm(input_ids=pid[:1, -4:], output_hidden_states=True).hidden_states[-1][0].mean(0)
+    assert torch.allclose(h[0], alone, atol=1e-5)
+    head(h).sum().backward()
+    assert lm.model.embed_tokens.weight.grad is not None and lm.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 # ----------------------------------------------------------------------------- masks and log-probs
 
 
@@ -245,6 +319,13 @@ def test_choose_prompts_uniform_and_paced():
     assert scheduler.choose_prompts(pool, lambda idx: p[idx], 3, 0.5, "paced", n_explore=1).tolist() == [5, 4, 0]
     with pytest.raises(ValueError, match="'paced' or 'uniform'"):
         scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "greedy")
+
+
+def test_dynamic_sampling_filter():
+    keep = scheduler.keep_informative([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 0, 1]])
+    assert keep.tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="groups, G"):
+        scheduler.keep_informative([1, 0, 1])
 
 
 # ----------------------------------------------------------------------------- replay
@@ -768,6 +849,134 @@ def test_pass_at_k_against_brute_force():
     assert eval_lib.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
     with pytest.raises(ValueError, match="need 0 ≤ c ≤ n"):
         eval_lib.pass_at_k(4, 5, 1)
+
+
+def test_calibration_metrics_hand_made():
+    import eval as eval_lib
+
+    cal = eval_lib.calibration([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])
+    assert cal["acc_est_abs_err"] == pytest.approx(0.2 / 3)
+    assert cal["acc_est_corr"] == pytest.approx(np.corrcoef([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])[0, 1])
+    assert eval_lib.calibration([0.5, 0.5], [0.0, 1.0])["acc_est_corr"] is None  # constant p̂: undefined, not 0
+    bins = eval_lib.reliability_bins([0.05, 0.08, 0.55, 0.95, 1.0], [0.0, 0.5, 1.0, 1.0, 0.5], bins=10)
+    assert [(b[0], b[2]) for b in bins] == [(0.0, 2), (0.5, 1), (0.9, 2)]  # p̂ = 1 falls in the last bin
+    assert bins[0][3:] == pytest.approx((0.065, 0.25)) and bins[2][3:] == pytest.approx((0.975, 0.75))
+
+
+def test_distinct_correct_and_rollouts_to_reach():
+    import eval as eval_lib
+
+    assert eval_lib.distinct_correct(["x = 1", "x  = 1", "y", "x=1", "z"], [1.0, 1.0, 0.0, 1.0, 0.0]) == 2
+    rows = [{"step": 0, "eval_acc": 0.5, "rollouts": 10, "loss": 1.0}, {"step": 1, "rollouts": 20, "loss": 1.0},
+            {"step": 2, "eval_acc": 0.7, "rollouts": 30, "loss": 1.0}, {"step": 3, "rollouts": 40, "loss": 1.0},
+            {"step": 4, "eval_acc": 0.8, "rollouts": 40}]
+    curve = eval_lib.eval_curve(rows)  # an evaluation at step s has seen the rollouts of steps < s
+    assert curve == [(0, 0.5), (20, 0.7), (40, 0.8)]
+    assert eval_lib.rollouts_to_reach(curve, 0.6) == pytest.approx(10.0)
+    assert eval_lib.rollouts_to_reach(curve, 0.75) == pytest.approx(30.0)
+    assert eval_lib.rollouts_to_reach(curve, 0.4) == 0.0 and eval_lib.rollouts_to_reach(curve, 0.9) is None
+
+
+METHODS = {"grpo": {"algo": "grpo"}, "grpo_dynamic": {"algo": "grpo", "dynamic_sampling": "true"},
+           "flowrl": {"algo": "flowrl"}, "paced_select_only": {"replay": "off"},
+           "paced_replay_only": {"select": "uniform"}, "paced": {}}
+
+
+@pytest.fixture(scope="module")
+def algo_runs(small_testbed, tmp_path_factory):
+    """A few steps of every method of compare.sh, as runs <method>_s0 in one directory."""
+    root = tmp_path_factory.mktemp("compare")
+    for name, kw in METHODS.items():
+        train.main(run_args(small_testbed, str(root / f"{name}_s0"), max_steps=4, eval_every=2, eval_samples=8,
+                            prompts_per_step=4, group_size=4, **kw))
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_algo_trains_end_to_end(algo_runs, small_testbed, name):
+    from transformers import AutoModelForCausalLM
+
+    out = algo_runs / f"{name}_s0"
+    rows = read_metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    cfg = json.load(open(out / "config.json"))
+    assert len(steps) == 4
+    for r, prev in zip(steps, [0] + [r["skipped_updates"] for r in steps]):
+        if r["train_prompts"] == 0:  # dynamic sampling kept no group (the small testbed is weak): skipped, counted
+            assert r["loss"] is None and r["skipped_updates"] == prev + 1
+        else:
+            assert math.isfinite(r["loss"]) and r["skipped_updates"] == prev
+    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2, 4]
+    assert set(rows[-1]["eval_pass_at_k"]) == {"1", "2", "4", "8"} and rows[-1]["eval_pass_at_k"]["1"] == rows[-1]["eval_acc"]
+    final = json.load(open(out / "heldout_final.json"))
+    assert len(final["acc"]) == 64 and np.mean(final["acc"]) == pytest.approx(rows[-1]["eval_acc"])
+    trained = AutoModelForCausalLM.from_pretrained(str(out / "ckpt_000004" / "model"))
+    init = dict(AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").named_parameters())
+    assert any(not torch.equal(p, init[n]) for n, p in trained.named_parameters())
+    state = torch.load(out / "ckpt_000004" / "state.pt", weights_only=False)
+    if cfg["algo"] == "paced":
+        assert final["p_hat"] is not None and steps[-1]["acc_est_abs_err"] is not None
+        assert (cfg["select"], cfg["replay"]) == {"paced_select_only": ("paced", "off"),
+                                                   "paced_replay_only": ("uniform", "on"), "paced": ("paced", "on")}[name]
+        assert any(r["replayed"] > 0 for r in steps) == (cfg["replay"] == "on")
+    else:  # the baselines: uniform sampling, no replay, no accuracy estimate
+        assert (cfg["select"], cfg["replay"]) == ("uniform", "off")
+        assert final["p_hat"] is None and all(r["acc_est_abs_err"] is None and r["replayed"] == 0 for r in steps)
+        assert (state["logz"] is None) == (cfg["algo"] == "grpo")  # FlowRL's head is saved, GRPO has none
+    B, G = 4, 4
+    per_step = np.diff([0] + [r["rollouts"] for r in steps])
+    if cfg["dynamic_sampling"]:  # extra rounds of B prompts when groups were dropped; all of them counted
+        assert all(n % (B * G) == 0 for n in per_step)
+        for n, r in zip(per_step, steps):
+            assert (n > B * G) == (r["zero_var_frac"] > 0)
+            assert r["train_prompts"] == B or n == 8 * B * G  # full, or dyn_max_rounds (8) rounds ran out
+        assert any(n > B * G for n in per_step)
+    else:
+        assert list(per_step) == [B * G] * 4 and all(r["train_prompts"] == B for r in steps)
+
+
+def test_baseline_config_conflicts_are_named():
+    with pytest.raises(SystemExit, match="algo=grpo samples uniformly without replay"):
+        train.make_config(train.parse_args(["--algo=grpo", "--select=paced"]))
+    with pytest.raises(SystemExit, match="algo"):
+        train.check_config(train.Config(algo="ppo"))
+    cfg = train.make_config(train.parse_args(["--algo=flowrl"]))
+    assert (cfg.select, cfg.replay) == ("uniform", "off")
+
+
+@pytest.mark.parametrize("algo", ["grpo_dynamic", "flowrl"])
+def test_baselines_resume_exactly(small_testbed, tmp_path, algo):
+    kw = {k: v for k, v in METHODS[algo].items()}
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, **kw))
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, **kw))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        assert untimed(ra) == untimed(rb)
+
+
+def test_compare_table_and_plots(algo_runs, tmp_path):
+    import eval as eval_lib
+
+    table = eval_lib.compare(str(algo_runs), str(tmp_path))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | seeds | final pass@1 | final pass@8 | rollouts to grpo's")
+    body = [l for l in lines[2:] if l.startswith("| ")]
+    assert sorted(l.split(" | ")[0][2:] for l in body) == sorted(METHODS)
+    assert all(l.count("|") == lines[0].count("|") for l in body)  # a well-formed markdown table
+    for name in METHODS:  # each method's final pass@1 is its run's final held-out accuracy
+        row = next(l for l in body if l.startswith(f"| {name} |"))
+        assert row.split(" | ")[2].startswith(f"{read_metrics(algo_runs / f'{name}_s0')[-1]['eval_acc']:.3f}")
+    assert any(l.startswith(("- paced reaches grpo's final held-out accuracy", "- paced does not reach grpo's",
+                             "- grpo itself does not reach")) for l in lines)
+    for png in ("accuracy_vs_rollouts.png", "reliability.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(tmp_path / "table.md").read() == table
+    with pytest.raises(SystemExit, match="no finished runs"):
+        eval_lib.compare(str(tmp_path), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- real-model code paths

@@ -85,6 +85,16 @@ class Config:
     micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
     logit_chunk: int = 0  # response positions per output-head chunk, recomputed in backward (big vocabularies); 0 = all
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
+    # --- algorithm
+    algo: str = "paced"  # paced (this paper) | grpo | flowrl: the baselines sample uniformly, without replay
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, roll out more prompts until B are kept
+    dyn_max_rounds: int = 8  # dynamic sampling: at most this many rollout rounds of B prompts per step (DAPO: max_num_gen_batches)
+    adv_eps: float = 1e-4  # GRPO / FlowRL advantage (r − group mean)/(group std + adv_eps) (TRL: 1e-4)
+    clip_eps: float = 0.2  # GRPO: the token ratio π_θ/π_old is clipped to [1 − ε, 1 + ε] (TRL: 0.2)
+    grpo_agg: str = "token_mean"  # GRPO loss aggregation: token_mean (Σ tokens / global token count) | seq_mean
+    kl_coef: float = 0.0  # GRPO: weight of the per-token k3 KL to the initial model (TRL default: 0); > 0 loads π_ref
+    flowrl_reward_mult: float = 15.0  # FlowRL: multiplier of the group-normalized reward in the residual (authors: 15)
+    flowrl_is_clip: float = 10.0  # FlowRL: importance weight min(clip, π_θ/π_old) of a sequence, detached (authors: 10)
     # --- PACED-RL
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
     tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
@@ -182,15 +192,24 @@ def parse_args(argv) -> dict:
 
 
 def make_config(overrides: dict) -> Config:
-    """Defaults, then the preset's values, then the command line's."""
+    """Defaults, then the preset's values, then the command line's. The baselines (algo grpo, flowrl)
+    sample prompts uniformly and have no replay buffer, as published: select and replay are set so."""
     name = overrides.get("preset", "")
     if name and name not in PRESETS:
         raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
-    return Config(**{**PRESETS.get(name, {}), **overrides})
+    merged = {**PRESETS.get(name, {}), **overrides}
+    if merged.get("algo", "paced") != "paced" and (merged.get("select", "uniform") != "uniform" or merged.get("replay", "off") != "off"):
+        raise SystemExit(f"config: algo={merged['algo']} samples uniformly without replay (the baseline as published); "
+                         f"select and replay are PACED-RL's switches")
+    cfg = Config(**merged)
+    if cfg.algo != "paced":
+        cfg = dataclasses.replace(cfg, select="uniform", replay="off")
+    return cfg
 
 
 def check_config(cfg: Config):
-    choices = {"select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
+    choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
+               "select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
                "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
                "logz_features": ("mean", "mean_last"), "attn_impl": ("sdpa", "flash_attention_2", "eager")}
     for k, allowed in choices.items():
@@ -204,7 +223,13 @@ def check_config(cfg: Config):
     for k in ("tau", "explore_frac", "logz_init_acc"):
         if not 0 <= getattr(cfg, k) <= 1:
             raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
-    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity"):
+    for k in ("adv_eps", "clip_eps", "kl_coef", "flowrl_reward_mult", "flowrl_is_clip"):
+        if getattr(cfg, k) < 0:
+            raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
+    if cfg.algo != "paced" and (cfg.select != "uniform" or cfg.replay != "off"):
+        raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay; got select={cfg.select}, "
+                         f"replay={cfg.replay} (make_config sets both for the baselines)")
+    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
@@ -410,34 +435,55 @@ def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
     return pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask, texts
 
 
-def tb_backward(policy, b: dict, cfg, n_global: int):
-    """Forward and backward of the TB loss over one batch, in micro-batches of `cfg.micro_batch` samples;
-    gradients accumulate in .grad. Each micro-batch's loss is its sum over n_global, so accumulation
-    gives exactly the gradient of the one-batch loss. Returns (this batch's share of the loss,
-    log π of every sample before the update, detached (N,), response token counts (N,)).
+def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
+    """Forward and backward of the algorithm's loss over one batch, in micro-batches of `cfg.micro_batch`
+    samples; gradients accumulate in .grad. Each micro-batch's loss is its sum over `denom` (the global
+    sample or token count), so accumulation, and the sum over ranks, give exactly the gradient of the
+    global-batch loss. Returns (this batch's share of the loss, log π of every sample before the update,
+    detached (N,), response token counts (N,)).
 
-    b: prompt/response tensors, `reward` (N,), `emb` (N, D) for Z_φ, `train_logz`, and `behavior`:
-    None for fresh samples (π_old is the policy before this update, so log π_old = log π_θ detached:
-    one optimizer step per rollout batch saves a forward pass), or the sampler's log-probs of replayed
-    samples (anchor per cfg.replay_anchor, importance weight min(clip, π_θold/π_behavior))."""
+    b: prompt/response tensors, `reward` (N,), `adv` (N,) for the baselines, `emb` (N, D) for Z_φ,
+    `train_logz`, and `behavior`: None for fresh samples, or the sampler's log-probs of replayed samples.
+    One optimizer step per rollout batch, so π_old is the policy before this update and log π_old is
+    log π_θ detached (no extra forward pass); the ratio π_θ/π_old of fresh samples is then 1, so GRPO's
+    clip and FlowRL's importance weight are inactive, as in TRL's default of one iteration per batch.
+    Replayed samples (PACED-RL) are anchored per cfg.replay_anchor, weighted min(clip, π_θold/π_behavior)."""
     N = b["resp"].size(0)
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(N, 1)
     total, logps, ntoks = 0.0, [], []
     for i in range(0, N, size):
         s = slice(i, i + size)
-        logp, ntok = paced_rl.sequence_logprobs(policy.lm, b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s],
-                                                cfg.temperature, cfg.logit_chunk)
+        args = (b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature, cfg.logit_chunk)
+        if cfg.algo == "flowrl":
+            logp_tok, h = paced_rl.token_logprobs(policy.lm, *args, prompt_state=True)  # (n, R), (n, H)
+        else:
+            logp_tok = paced_rl.token_logprobs(policy.lm, *args)
+        logp, ntok = logp_tok.sum(-1), b["rmask"][s].sum(-1)
         cur = logp.detach()
-        log_z = policy.logz(b["emb"][s])
-        if not b["train_logz"]:
-            log_z = log_z.detach()
-        anchor, w = cur, None
-        if b["behavior"] is not None:
-            if cfg.replay_anchor == "behavior":
-                anchor = b["behavior"][s]
-            if cfg.replay_is_clip > 0:
-                w = (cur - b["behavior"][s]).exp().clamp(max=cfg.replay_is_clip)
-        loss = tb_loss.paced_tb_loss(log_z, logp, anchor, b["reward"][s], cfg.beta, weight=w, denom=n_global)
+        if cfg.algo == "paced":
+            log_z = policy.logz(b["emb"][s])
+            if not b["train_logz"]:
+                log_z = log_z.detach()
+            anchor, w = cur, None
+            if b["behavior"] is not None:
+                if cfg.replay_anchor == "behavior":
+                    anchor = b["behavior"][s]
+                if cfg.replay_is_clip > 0:
+                    w = (cur - b["behavior"][s]).exp().clamp(max=cfg.replay_is_clip)
+            loss = tb_loss.paced_tb_loss(log_z, logp, anchor, b["reward"][s], cfg.beta, weight=w, denom=denom)
+        elif cfg.algo == "grpo":
+            ref_tok = None
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref_tok = paced_rl.token_logprobs(ref_lm, *args)
+            loss = tb_loss.grpo_loss(logp_tok, logp_tok.detach(), b["rmask"][s], b["adv"][s], cfg.clip_eps,
+                                     cfg.grpo_agg, denom, ref_tok, cfg.kl_coef)
+        else:  # flowrl
+            with torch.no_grad():
+                ref = paced_rl.token_logprobs(ref_lm, *args).sum(-1)
+            w = (logp - cur).exp().detach().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old: 1 with one step per batch
+            loss = tb_loss.flowrl_loss(policy.logz(h), logp, ref, ntok, b["adv"][s], cfg.flowrl_reward_mult,
+                                       weight=w, denom=denom)
         loss.backward()
         total += loss.item()
         logps.append(cur)
@@ -530,6 +576,16 @@ def load_opt_state(policy, opt, osd, cfg):
     set_optimizer_state_dict(policy, opt, osd, options=StateDictOptions(full_state_dict=True))
 
 
+def torch_rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_torch_rng_state(st, device):
+    torch.set_rng_state(st["cpu"])
+    if st["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
 def save_checkpoint(cfg, policy, tokenizer, opt, state: dict, rank):
     """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept.
     manifest.json records each file's size and sha256, so a damaged file is found and named."""
@@ -541,7 +597,7 @@ def save_checkpoint(cfg, policy, tokenizer, opt, state: dict, rank):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({"logz": policy.logz.state_dict(), "opt": opt_sd, **state, "config": dataclasses.asdict(cfg)},
+    torch.save({"logz": policy.logz.state_dict() if policy.logz is not None else None, "opt": opt_sd, **state, "config": dataclasses.asdict(cfg)},
                os.path.join(tmp, "state.pt"))
     files = sorted(os.path.relpath(os.path.join(d, f), tmp) for d, _, fs in os.walk(tmp) for f in fs)
     manifest = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": _sha256(os.path.join(tmp, f))} for f in files}
@@ -672,34 +728,53 @@ def train(cfg: Config) -> dict:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
 
-    # frozen prompt embeddings e(x) of the *initial* model: computed once, sharded, cached next to the run
-    emb_train, emb_eval = prompt_embedding_cache(cfg, tokenizer.pad_token_id, train_toks, eval_toks, dtype, device, rank, world)
+    paced = cfg.algo == "paced"
+    # frozen prompt embeddings e(x) of the *initial* model for Z_φ: computed once, sharded, cached next to the run
+    emb_train = emb_eval = None
+    if paced:
+        emb_train, emb_eval = prompt_embedding_cache(cfg, tokenizer.pad_token_id, train_toks, eval_toks, dtype, device, rank, world)
 
-    # the policy: same weights on every rank (same files, same seed for Z_φ)
+    # the policy: same weights on every rank (same files, same seed for the log Z head)
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(start_ckpt, "model") if start_ckpt else cfg.model, dtype=dtype,
                                               attn_implementation=cfg.attn_impl).to(device)
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable()
+    ref_lm = None  # π_ref, the frozen initial model: FlowRL's anchor, GRPO's optional KL
+    if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0):
+        ref_lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.attn_impl).to(device).eval()
+        ref_lm.requires_grad_(False)
     if cfg.fsdp and world > 1:
         shard_model(lm, world, device)
+        if ref_lm is not None:
+            shard_model(ref_lm, world, device)
     torch.manual_seed(cfg.seed)
-    logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
-    logz.set_normalization(emb_train)
+    if paced:
+        logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
+        logz.set_normalization(emb_train)
+    elif cfg.algo == "flowrl":
+        logz = paced_rl.PooledLogZHead(lm.config.hidden_size)
+    else:
+        logz = None
     policy = paced_rl.Policy(lm, logz).to(device)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-                             {"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0}])
+    groups = [{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if logz is not None:
+        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
     pool = scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select == "paced" else cfg.prompts_per_step, cfg.seed)
     buf = replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k)
     replay_rng = np.random.default_rng(seed_of(cfg.seed, 2))
     step, rollouts, skipped = 0, 0, 0
     if start_ckpt:
         st = torch.load(os.path.join(start_ckpt, "state.pt"), weights_only=False)
-        logz.load_state_dict(st["logz"])
+        if logz is not None:
+            logz.load_state_dict(st["logz"])
         load_opt_state(policy, opt, st["opt"], cfg)
         pool.load_state_dict(st["pool"])
         buf.load_state_dict(st["replay"])
         replay_rng.bit_generator.state = st["replay_rng"]
+        if st.get("torch_rng"):  # dropout (FlowRL's head) draws from it; sampling has its own generators
+            set_torch_rng_state(st["torch_rng"][rank if len(st["torch_rng"]) == world else 0], device)
         step, rollouts, skipped = st["step"], st["rollouts"], st["skipped_updates"]
         log(f"resumed {start_ckpt} at step {step}")
 
@@ -716,15 +791,27 @@ def train(cfg: Config) -> dict:
 
     B, G, beta = cfg.prompts_per_step, cfg.group_size, cfg.beta
 
-    def eval_metrics():
+    def eval_metrics(final=False):
+        """Held-out accuracy over eval_samples, pass@k, and (PACED-RL) the calibration of p̂;
+        final=True also writes the per-prompt values to <out_dir>/heldout_final.json (eval.py plots them)."""
+        n = cfg.eval_samples
         acc = eval_lib.sampled_accuracy(policy.lm, tokenizer, eval_toks, [r["answer"] for r in eval_rows], fn, cfg,
-                                        device, rank, world, cfg.eval_samples, cfg.temperature)
-        with torch.no_grad():
-            p_hat = (beta * policy.logz(emb_eval.to(device))).cpu().numpy()
-        return {"eval_acc": float(acc.mean()), "eval_acc_est_corr": eval_lib.pearson(p_hat, acc),
-                "eval_acc_est_abs_err": float(np.abs(p_hat - acc).mean())}
+                                        device, rank, world, n, cfg.temperature)
+        out = {"eval_acc": float(acc.mean()),
+               "eval_pass_at_k": {str(k): v for k, v in eval_lib.pass_at_ks(n, np.rint(acc * n)).items()}}
+        p_hat = None
+        if paced:
+            with torch.no_grad():
+                p_hat = (beta * policy.logz(emb_eval.to(device))).cpu().numpy()
+            out.update({"eval_acc_est_corr": eval_lib.pearson(p_hat, acc),
+                        "eval_acc_est_abs_err": float(np.abs(p_hat - acc).mean())})
+        if final and rank == 0:
+            with open(os.path.join(cfg.out_dir, "heldout_final.json.tmp"), "w") as f:
+                json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()}, f)
+            os.replace(os.path.join(cfg.out_dir, "heldout_final.json.tmp"), os.path.join(cfg.out_dir, "heldout_final.json"))
+        return out
 
-    emb_train_dev = emb_train.to(device)
+    emb_train_dev = emb_train.to(device) if paced else None
     p_hat_of = lambda idx: (beta * policy.logz(emb_train_dev[torch.as_tensor(idx, device=device)])).detach().cpu().numpy()  # noqa: E731
     answers = [r["answer"] for r in train_rows]
     stop_signal = [None]  # set by SIGINT / SIGTERM; the loop checkpoints and returns after the current step
@@ -734,74 +821,131 @@ def train(cfg: Config) -> dict:
             raise KeyboardInterrupt
         stop_signal[0] = signal.Signals(signum).name
 
+    def roll_and_verify(chosen, step, rnd, timer):
+        """This rank's share of `chosen`: G responses per prompt, seeded per prompt (not per rank), verified."""
+        mine = list(range(rank, len(chosen), world))
+        idx = [int(chosen[i]) for i in mine]
+        seeds = [seed_of(cfg.seed, 0, step, j) if rnd == 0 else seed_of(cfg.seed, 0, step, j, rnd) for j in idx]
+        t = time.time()
+        pid, pmask, resp, rmask, texts = rollout(policy.lm, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
+        timer["rollout"] += time.time() - t
+        t = time.time()
+        rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)], vworkers)
+        timer["verify"] += time.time() - t
+        timer["verifier_errors"] += verr
+        return {"pos": mine, "idx": idx, "pid": pid, "pmask": pmask, "resp": resp, "rmask": rmask,
+                "reward": torch.tensor(rewards, device=device)}
+
+    def dynamic_sampling(first, step, timer):
+        """DAPO: keep the groups whose rewards differ, roll out B more prompts from the pool while fewer than
+        B are kept (at most dyn_max_rounds rounds), then re-shard the kept groups over the ranks.
+        Returns (this rank's batch, prompts rolled out, groups with all-equal rewards)."""
+        kept, n_prompts, n_equal, batch, rnd = [], 0, 0, first, 0
+        while True:
+            recs = [(rnd, p, j, [batch["resp"][k * G + g, :int(batch["rmask"][k * G + g].sum())].tolist() for g in range(G)],
+                     batch["reward"][k * G:(k + 1) * G].tolist()) for k, (p, j) in enumerate(zip(batch["pos"], batch["idx"]))]
+            recs = sorted(sum(gather(recs, world), []))  # every rank: the same groups, in selection order
+            keep = scheduler.keep_informative([r[4] for r in recs])
+            kept += [r for r, k in zip(recs, keep) if k]
+            n_prompts, n_equal = n_prompts + len(recs), n_equal + int((~keep).sum())
+            if len(kept) >= B or rnd + 1 >= cfg.dyn_max_rounds:
+                break
+            rnd += 1
+            with torch.no_grad():
+                chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select, round(cfg.explore_frac * B))
+            batch = roll_and_verify(chosen, step, rnd, timer)
+        kept = kept[:B]
+        kept = kept[:len(kept) - len(kept) % world]  # equal shards (a sharded model needs every rank in lockstep)
+        if len(kept) < B:
+            log(f"warning: step {step}: dynamic sampling kept {len(kept)} of {B} groups after {rnd + 1} rounds")
+        mine = kept[rank::world]
+        pid, pmask = paced_rl.left_pad([train_toks[r[2]] for r in mine for _ in range(G)] or [[tokenizer.pad_token_id]],
+                                       tokenizer.pad_token_id, device)
+        resp, rmask = paced_rl.right_pad([y for r in mine for y in r[3]] or [[tokenizer.pad_token_id]], tokenizer.pad_token_id, device)
+        out = {"idx": [r[2] for r in mine], "pid": pid[:len(mine) * G], "pmask": pmask[:len(mine) * G],
+               "resp": resp[:len(mine) * G], "rmask": rmask[:len(mine) * G],
+               "reward": torch.tensor([x for r in mine for x in r[4]], device=device, dtype=torch.float32)}
+        return out, n_prompts, n_equal
+
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(range(step, cfg.max_steps), initial=step, total=cfg.max_steps, disable=rank != 0, desc="train")
     for step in bar:
         row = {"step": step}
         if step % cfg.eval_every == 0:
             row.update(eval_metrics())
-        t0 = time.time()  # step timing: select t0-t1, rollout t1-t2, verify t2-t3, update t4-t5, KL after
+        t0 = time.time()  # step timing: select, rollout, verify (summed over rounds), update t4-t5, KL after
 
-        # 1. select B prompts (identical on every rank), then shard them
+        # 1. select B prompts (identical on every rank)
         with torch.no_grad():
             chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select, round(cfg.explore_frac * B))
-            p_hat_sel = p_hat_of(chosen)
-        mine = list(range(rank, B, world))
-        idx = [int(chosen[i]) for i in mine]
+        timer = {"select": time.time() - t0, "rollout": 0.0, "verify": 0.0, "verifier_errors": 0}
 
-        # 2. roll out G responses per prompt, seeded per prompt (not per rank); π_old = π_θ now
-        t1 = time.time()
+        # 2-3. roll out G responses per prompt (π_old = π_θ now) and verify: reward r ∈ {0, 1}
         policy.eval()
-        seeds = [seed_of(cfg.seed, 0, step, j) for j in idx]
-        pid, pmask, resp, rmask, texts = rollout(policy.lm, tokenizer, [train_toks[j] for j in idx], seeds, cfg, device, cfg.temperature)
-
-        # 3. verify
-        t2 = time.time()
-        rewards, verr = verify.score(fn, texts, [answers[j] for j in idx for _ in range(G)], vworkers)
-        reward = torch.tensor(rewards, device=device)
+        batch = roll_and_verify(chosen, step, 0, timer)
+        rew_gen = all_sum(float(batch["reward"].sum()), world, device)
+        if cfg.dynamic_sampling:
+            batch, n_prompts, n_equal = dynamic_sampling(batch, step, timer)
+            zero_var = n_equal / n_prompts
+        else:
+            n_prompts, zero_var = B, None
+        idx, pid, pmask, resp, rmask, reward = (batch[k] for k in ("idx", "pid", "pmask", "resp", "rmask", "reward"))
+        rewards = reward.tolist()
         acc_local = reward.view(-1, G).mean(1).cpu().numpy()
-        truncated = int((rmask.sum(1) == rmask.size(1)).logical_and(resp[:, -1] != tokenizer.eos_token_id).sum())
+        with torch.no_grad():
+            p_hat_mine = p_hat_of(idx) if paced and idx else np.zeros(len(idx))
+        truncated = int((rmask.sum(1) == rmask.size(1)).logical_and(resp[:, -1] != tokenizer.eos_token_id).sum()) if idx else 0
+        n_train = int(all_sum(len(idx), world, device))  # prompts in this update, over all ranks (B, or fewer)
 
         # 4. replay: draw from earlier steps (the same draw on every rank); this step's samples join later
-        t3 = time.time()
         drawn = buf.sample(cfg.replay_per_step, replay_rng) if cfg.replay == "on" else []
         if cfg.fsdp:  # every rank must run the same number of forward passes through the sharded model
             drawn = drawn[:len(drawn) - len(drawn) % world]
         my_replay = drawn[rank::world]
 
-        # 5. one optimizer step on the TB loss over fresh + replayed samples, in micro-batches
+        # 5. one optimizer step on the loss over fresh (+ replayed) samples, in micro-batches
         t4 = time.time()
         policy.train()
-        n_global = B * G + len(drawn)
+        if cfg.algo == "grpo" and cfg.grpo_agg == "token_mean":
+            denom = all_sum(float(rmask.sum()) if idx else 0.0, world, device)
+        else:
+            denom = n_train * G + len(drawn)
         fresh = {"pid": pid, "pmask": pmask, "resp": resp, "rmask": rmask, "reward": reward, "behavior": None,
-                 "emb": emb_train_dev[torch.tensor(idx, device=device)].repeat_interleave(G, 0), "train_logz": True}
-        loss_local, logp_old, n_tok = tb_backward(policy, fresh, cfg, n_global)  # logp_old: log π_old(y|x), (nG,)
+                 "adv": tb_loss.group_advantages(reward, G, cfg.adv_eps) if not paced and idx else None,
+                 "emb": emb_train_dev[torch.tensor(idx, device=device)].repeat_interleave(G, 0) if paced and idx else None,
+                 "train_logz": True}
+        loss_local, logp_old, n_tok = 0.0, torch.zeros(0, device=device), torch.zeros(0, device=device)
+        if idx:
+            loss_local, logp_old, n_tok = loss_backward(policy, ref_lm, fresh, cfg, denom)  # logp_old: log π_old(y|x), (nG,)
         if my_replay:
             r_pid, r_pmask = paced_rl.left_pad([train_toks[e["prompt"]] for e in my_replay], tokenizer.pad_token_id, device)
-            r_resp, r_mask = paced_rl.left_pad([e["response"][::-1] for e in my_replay], tokenizer.pad_token_id, device)
-            replayed = {"pid": r_pid, "pmask": r_pmask, "resp": r_resp.flip(1), "rmask": r_mask.flip(1),  # right-padded
+            r_resp, r_mask = paced_rl.right_pad([e["response"] for e in my_replay], tokenizer.pad_token_id, device)
+            replayed = {"pid": r_pid, "pmask": r_pmask, "resp": r_resp, "rmask": r_mask,
                         "reward": torch.ones(len(my_replay), device=device), "train_logz": cfg.replay_trains_logz,
                         "behavior": torch.tensor([e["logp_behavior"] for e in my_replay], device=device),
                         "emb": emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)]}
-            loss_local += tb_backward(policy, replayed, cfg, n_global)[0]
-        global_loss = all_sum(loss_local, world, device)  # every rank sees the same value: they skip together
+            loss_local += loss_backward(policy, ref_lm, replayed, cfg, denom)[0]
+        global_loss = all_sum(loss_local, world, device) if denom > 0 else float("nan")  # the same on every rank
         sync_grads(params, world)
         gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
-        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf")))
-        if math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
+        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf"))) if logz is not None else 0.0
+        if denom == 0:  # dynamic sampling found no group with differing rewards: nothing to train on
+            skipped += 1
+            log(f"warning: step {step}: no samples to train on (dynamic sampling kept no group): update skipped")
+        elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
             opt.step()
         else:  # a NaN or inf loss or gradient: skip this update, count it, go on
             skipped += 1
             log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
         opt.zero_grad(set_to_none=True)
-        rollouts += B * G
+        rollouts += n_prompts * G
 
         # this step's highest-error correct trajectories enter the buffer (the same entries on every rank)
         if cfg.replay == "on":
             cands = []
             for k, j in enumerate(idx):
-                e = float(replay_lib.estimate_error(acc_local[k], p_hat_sel[mine[k]]))
+                e = float(replay_lib.estimate_error(acc_local[k], p_hat_mine[k]))
                 for g in range(G):
                     if rewards[k * G + g] == 1.0:
                         n = int(rmask[k * G + g].sum())
@@ -812,34 +956,39 @@ def train(cfg: Config) -> dict:
         # β·KL(π_old ‖ π_θ) after the update, on the fresh samples (Proposition 4.1's gap)
         t5 = time.time()
         policy.eval()
-        logp_new = logprobs_nograd(policy.lm, pid, pmask, resp, rmask, cfg)
-        kl_sum = float(tb_loss.kl_k3(logp_old, logp_new).sum())
+        kl_sum = 0.0
+        if idx:
+            logp_new = logprobs_nograd(policy.lm, pid, pmask, resp, rmask, cfg)
+            kl_sum = float(tb_loss.kl_k3(logp_old, logp_new).sum())
 
         # 6. metrics over all ranks
-        recs = sorted(sum(gather([(j, float(a), float(p_hat_sel[mine[k]])) for k, (j, a) in enumerate(zip(idx, acc_local))], world), []))
+        recs = sorted(sum(gather([(j, float(a), float(p)) for j, a, p in zip(idx, acc_local, p_hat_mine)], world), []))
         acc_all, p_all = np.array([r[1] for r in recs]), np.array([r[2] for r in recs])
         tot = lambda x: all_sum(float(x), world, device)  # noqa: E731
+        n_samples = max(n_train * G, 1)
         row.update({
             "rollouts": rollouts,
-            "reward_mean": tot(reward.sum()) / (B * G),
+            "reward_mean": rew_gen / (B * G),  # of this step's first B prompts, as sampled (before any filter)
             "loss": global_loss,
             "skipped_updates": skipped,
-            "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()),
-            "acc_est_corr": eval_lib.pearson(p_all, acc_all),
-            "p_hat_mean": float(p_all.mean()),
-            "beta_kl": beta * tot(kl_sum) / (B * G),
-            "zero_var_frac": float(np.mean((acc_all == 0) | (acc_all == 1))),
-            "resp_len": tot(n_tok.sum()) / (B * G),
-            "truncated_frac": tot(truncated) / (B * G),
-            "verifier_errors": int(tot(verr)),
+            "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()) if paced and recs else None,
+            "acc_est_corr": eval_lib.pearson(p_all, acc_all) if paced else None,
+            "p_hat_mean": float(p_all.mean()) if paced and recs else None,
+            "beta_kl": beta * tot(kl_sum) / n_samples,
+            "zero_var_frac": zero_var if zero_var is not None else float(np.mean((acc_all == 0) | (acc_all == 1))),
+            "train_prompts": n_train,
+            "resp_len": tot(n_tok.sum()) / n_samples,
+            "truncated_frac": tot(truncated) / n_samples,
+            "verifier_errors": int(tot(timer["verifier_errors"])),
             "replay_size": len(buf),
             "replayed": len(drawn),
             "grad_norm": gnorm,
             "step_s": time.time() - t0,
-            "select_s": t1 - t0, "rollout_s": t2 - t1, "verify_s": t3 - t2, "update_s": t5 - t4,
+            "select_s": timer["select"], "rollout_s": timer["rollout"], "verify_s": timer["verify"], "update_s": t5 - t4,
         })
         write_metrics(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", err=f"{row['acc_est_abs_err']:.2f}",
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}",
+                        **({"err": f"{row['acc_est_abs_err']:.2f}"} if row["acc_est_abs_err"] is not None else {}),
                         **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
         if row["zero_var_frac"] > 0.8 and step % cfg.eval_every == 0:
             log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
@@ -848,7 +997,7 @@ def train(cfg: Config) -> dict:
             check_ranks_agree(params, world)
             save_checkpoint(cfg, policy, tokenizer, opt, {"step": step + 1, "rollouts": rollouts, "skipped_updates": skipped,
                             "pool": pool.state_dict(), "replay": buf.state_dict(),
-                            "replay_rng": replay_rng.bit_generator.state}, rank)
+                            "replay_rng": replay_rng.bit_generator.state, "torch_rng": gather(torch_rng_state(device), world)}, rank)
         if stop:
             log(f"stopped by signal {stop_signal[0]} after step {step}; checkpoint written. "
                 f"Continue with: --resume={cfg.out_dir}")
@@ -861,11 +1010,12 @@ def train(cfg: Config) -> dict:
     for sig, h in old_handlers.items():
         signal.signal(sig, h)
     final_step = max(cfg.max_steps, start_step)  # a checkpoint past max_steps is evaluated where it is
-    row = {"step": final_step, "rollouts": rollouts, **eval_metrics(),
+    row = {"step": final_step, "rollouts": rollouts, **eval_metrics(final=True),
            "param_checksum": check_ranks_agree(params, world)}
     write_metrics(row)
-    log(f"done: step {final_step}, held-out accuracy {row['eval_acc']:.3f}, "
-        f"calibration corr {row['eval_acc_est_corr']}, metrics in {metrics_path}")
+    corr = row.get("eval_acc_est_corr")
+    log(f"done: step {final_step}, held-out accuracy {row['eval_acc']:.3f}"
+        + (f", calibration corr {corr:.3f}" if corr is not None else "") + f", metrics in {metrics_path}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
