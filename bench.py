@@ -122,7 +122,7 @@ def main(argv):
         batch = {"pid": pid.repeat_interleave(b.group_size, 0), "pmask": pmask.repeat_interleave(b.group_size, 0),
                  "resp": resp, "rmask": rmask, "reward": reward, "behavior": None, "train_logz": True,
                  "emb": emb[:b.prompts].repeat_interleave(b.group_size, 0)}
-        train.tb_backward(policy, batch, cfg, resp.size(0))
+        train.loss_backward(policy, None, batch, cfg, resp.size(0))
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
