@@ -25,6 +25,7 @@ declare -A METHOD=(
   [paced_replay_trains_logz]="--algo=paced --replay_trains_logz=true"
   [paced_logz_lr3e-3]="--algo=paced --logz_lr=3e-3"
   [paced_logz_lr3e-2]="--algo=paced --logz_lr=3e-2"
+  [paced_mean_last]="--algo=paced --logz_features=mean_last"
 )
 ORDER=${ONLY:-"grpo grpo_dynamic flowrl paced_select_only paced_replay_only paced"}
 mkdir -p "$OUT"

@@ -85,6 +85,17 @@ def plot_reliability(series: dict, path: str, title: str = ""):
     plt.close(fig)
 
 
+def selection_check(p_hat, acc, group_size: int, tau: float = 0.5, frac: float = 0.25) -> dict:
+    """What selecting by p̂ buys, on prompts with known accuracy a: the expected share of groups of G
+    samples whose rewards are all equal (a^G + (1 − a)^G, no learning signal) when the `frac` of the
+    prompts nearest τ are chosen by p̂, by the true a (an oracle scheduler), or uniformly."""
+    p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
+    k = max(1, int(round(frac * acc.size)))
+    equal = acc ** group_size + (1 - acc) ** group_size
+    return {"uniform": float(equal.mean()), "by_p_hat": float(equal[np.argsort(np.abs(p_hat - tau), kind="stable")[:k]].mean()),
+            "oracle": float(equal[np.argsort(np.abs(acc - tau), kind="stable")[:k]].mean())}
+
+
 def calibration(p_hat, acc) -> dict:
     """How well p̂ estimates the observed per-prompt accuracy a."""
     p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
@@ -231,6 +242,16 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
             else:
                 lines.append(f"- {focus} reaches {t}'s final held-out accuracy {final_acc[t]:.3f} in {a / b:.2f}× the rollouts "
                              f"{t} needs ({a:,.0f} vs {b:,.0f}; medians over seeds)")
+    checks = {m: [selection_check(r["final"]["p_hat"], r["final"]["acc"], r["config"].get("group_size", 8),
+                                  r["config"].get("tau", 0.5)) for r in rs]
+              for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}
+    if checks:
+        lines += ["", "Selection check on the held-out prompts at the end (`eval.selection_check`): the expected share of "
+                  "groups with all-equal rewards when a quarter of the prompts is chosen nearest τ by p̂, by the true "
+                  "accuracy (an oracle), or uniformly; median over seeds.", "",
+                  "| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |", "|---|---|---|---|"]
+        for m, cs in checks.items():
+            lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)

@@ -863,6 +863,15 @@ def test_calibration_metrics_hand_made():
     assert bins[0][3:] == pytest.approx((0.065, 0.25)) and bins[2][3:] == pytest.approx((0.975, 0.75))
 
 
+def test_selection_check_hand_made():
+    import eval as eval_lib
+
+    # accuracies 0, 0.5, 1, 0.5 with G = 2: all-equal probabilities 1, 0.5, 1, 0.5
+    acc, p_hat = [0.0, 0.5, 1.0, 0.5], [0.5, 0.9, 0.1, 0.45]
+    c = eval_lib.selection_check(p_hat, acc, group_size=2, tau=0.5, frac=0.5)
+    assert c == pytest.approx({"uniform": 0.75, "by_p_hat": 0.75, "oracle": 0.5})  # p̂ picks prompts 0 and 3
+
+
 def test_distinct_correct_and_rollouts_to_reach():
     import eval as eval_lib
 
@@ -968,6 +977,24 @@ def fake_run(root, name, accs, n_prompts=4, per_step=100):
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]] * n_prompts, "p_hat": None}))
     (d / "config.json").write_text("{}")
+
+
+@pytest.mark.parametrize("algo", ["paced", "grpo"])
+def test_several_updates_per_rollout_batch(small_testbed, tmp_path, algo):
+    """updates_per_batch=2: two optimizer steps per rollout batch, anchored on the sampler's log-probs; resumes exactly."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, updates_per_batch=2, algo=algo))
+    st = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)
+    assert {int(v["step"]) for v in st["opt"]["state"].values()} == {8}  # AdamW stepped twice per rollout batch
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, updates_per_batch=2, algo=algo))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert len(a) == 5 and all(untimed(ra) == untimed(rb) for ra, rb in zip(a, b))
+    one = str(tmp_path / "one")  # one update per batch is a different run
+    train.main(run_args(small_testbed, one, max_steps=4, algo=algo))
+    assert read_metrics(one)[-1]["param_checksum"] != a[-1]["param_checksum"]
+    with pytest.raises(SystemExit, match="updates_per_batch=8 exceeds prompts_per_step=4"):
+        train.check_config(train.Config(prompts_per_step=4, updates_per_batch=8))
 
 
 def test_compare_ratios_on_hand_made_runs(tmp_path):

@@ -19,6 +19,11 @@ trajectory never appears twice in one update), replayed samples anchored on the 
 clipped importance weight and not training Z_φ. One optimizer step per rollout batch, so log π_old is
 the update's own forward pass, detached. Run `python train.py --help` for every field.
 
+Baselines in the same loop (`--algo`, DESIGN.md §9): `grpo` (group-normalized advantage, clipped token
+ratio, optional KL to π_ref; `--dynamic_sampling=true` adds DAPO's filter, rolling out more prompts
+until B groups with differing rewards are kept) and `flowrl` (length-normalized TB against π_ref with
+a log Z head over the policy's own prompt states). Both sample uniformly, without replay.
+
 Faults: checkpoints are atomic and checksummed (resume falls back past a damaged one), a NaN loss skips
 its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current step (README).
 """
@@ -84,6 +89,7 @@ class Config:
     rollout_batch: int = 0  # prompts per generation call (bounds KV-cache memory); 0 = all of a rank's prompts
     micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
     logit_chunk: int = 0  # response positions per output-head chunk, recomputed in backward (big vocabularies); 0 = all
+    updates_per_batch: int = 1  # optimizer steps per rollout batch, each on 1/U of its prompts (FlowRL's code: 16); 1 = on-policy
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
     # --- algorithm
     algo: str = "paced"  # paced (this paper) | grpo | flowrl: the baselines sample uniformly, without replay
@@ -229,7 +235,9 @@ def check_config(cfg: Config):
     if cfg.algo != "paced" and (cfg.select != "uniform" or cfg.replay != "off"):
         raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay; got select={cfg.select}, "
                          f"replay={cfg.replay} (make_config sets both for the baselines)")
-    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds"):
+    if cfg.updates_per_batch > cfg.prompts_per_step:
+        raise SystemExit(f"config: updates_per_batch={cfg.updates_per_batch} exceeds prompts_per_step={cfg.prompts_per_step}")
+    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds", "updates_per_batch"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
@@ -439,18 +447,18 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
     """Forward and backward of the algorithm's loss over one batch, in micro-batches of `cfg.micro_batch`
     samples; gradients accumulate in .grad. Each micro-batch's loss is its sum over `denom` (the global
     sample or token count), so accumulation, and the sum over ranks, give exactly the gradient of the
-    global-batch loss. Returns (this batch's share of the loss, log π of every sample before the update,
-    detached (N,), response token counts (N,)).
+    global-batch loss. Returns (this batch's share of the loss, log π_old of every sample, detached (N,)).
 
     b: prompt/response tensors, `reward` (N,), `adv` (N,) for the baselines, `emb` (N, D) for Z_φ,
-    `train_logz`, and `behavior`: None for fresh samples, or the sampler's log-probs of replayed samples.
-    One optimizer step per rollout batch, so π_old is the policy before this update and log π_old is
-    log π_θ detached (no extra forward pass); the ratio π_θ/π_old of fresh samples is then 1, so GRPO's
-    clip and FlowRL's importance weight are inactive, as in TRL's default of one iteration per batch.
-    Replayed samples (PACED-RL) are anchored per cfg.replay_anchor, weighted min(clip, π_θold/π_behavior)."""
+    `train_logz`, `behavior`: None for fresh samples, or the sampler's log-probs of replayed samples, and
+    `old_tok`: the per-token log π_old of fresh samples when updates_per_batch > 1. With one optimizer step
+    per rollout batch (the default) π_old is the policy before this update, so log π_old is log π_θ
+    detached (no extra forward pass); the ratio π_θ/π_old is then 1, and GRPO's clip and FlowRL's
+    importance weight are inactive, as in TRL's default of one iteration per batch. Replayed samples
+    (PACED-RL) are anchored per cfg.replay_anchor, weighted min(clip, π_θold/π_behavior)."""
     N = b["resp"].size(0)
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(N, 1)
-    total, logps, ntoks = 0.0, [], []
+    total, olds = 0.0, []
     for i in range(0, N, size):
         s = slice(i, i + size)
         args = (b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature, cfg.logit_chunk)
@@ -458,14 +466,16 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
             logp_tok, h = paced_rl.token_logprobs(policy.lm, *args, prompt_state=True)  # (n, R), (n, H)
         else:
             logp_tok = paced_rl.token_logprobs(policy.lm, *args)
-        logp, ntok = logp_tok.sum(-1), b["rmask"][s].sum(-1)
+        old_tok = b["old_tok"][s] if b.get("old_tok") is not None else logp_tok.detach()  # (n, R)
+        logp, ntok, old = logp_tok.sum(-1), b["rmask"][s].sum(-1), old_tok.sum(-1)
         cur = logp.detach()
         if cfg.algo == "paced":
             log_z = policy.logz(b["emb"][s])
             if not b["train_logz"]:
                 log_z = log_z.detach()
-            anchor, w = cur, None
+            anchor, w = old, None
             if b["behavior"] is not None:
+                anchor = cur
                 if cfg.replay_anchor == "behavior":
                     anchor = b["behavior"][s]
                 if cfg.replay_is_clip > 0:
@@ -476,28 +486,33 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
             if cfg.kl_coef > 0:
                 with torch.no_grad():
                     ref_tok = paced_rl.token_logprobs(ref_lm, *args)
-            loss = tb_loss.grpo_loss(logp_tok, logp_tok.detach(), b["rmask"][s], b["adv"][s], cfg.clip_eps,
+            loss = tb_loss.grpo_loss(logp_tok, old_tok, b["rmask"][s], b["adv"][s], cfg.clip_eps,
                                      cfg.grpo_agg, denom, ref_tok, cfg.kl_coef)
         else:  # flowrl
             with torch.no_grad():
                 ref = paced_rl.token_logprobs(ref_lm, *args).sum(-1)
-            w = (logp - cur).exp().detach().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old: 1 with one step per batch
+            w = (cur - old).exp().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old, detached: 1 at the first optimizer step
             loss = tb_loss.flowrl_loss(policy.logz(h), logp, ref, ntok, b["adv"][s], cfg.flowrl_reward_mult,
                                        weight=w, denom=denom)
         loss.backward()
         total += loss.item()
-        logps.append(cur)
-        ntoks.append(ntok)
-    return total, torch.cat(logps), torch.cat(ntoks)
+        olds.append(old)
+    return total, torch.cat(olds)
 
 
 @torch.no_grad()
-def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg):
-    """Summed response log-probs (N,) without gradients, in micro-batches."""
+def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg, per_token: bool = False):
+    """Response log-probs without gradients, in micro-batches: summed (N,), or per token (N, R)."""
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
-    return torch.cat([paced_rl.sequence_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
-                                                 rmask[i:i + size], cfg.temperature, cfg.logit_chunk)[0]
-                      for i in range(0, resp.size(0), size)])
+    tok = torch.cat([paced_rl.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
+                                             rmask[i:i + size], cfg.temperature, cfg.logit_chunk)
+                     for i in range(0, resp.size(0), size)])
+    return tok if per_token else tok.sum(-1)
+
+
+def take(b: dict, s: slice) -> dict:
+    """Rows `s` of every per-sample tensor of a batch dict (other entries as they are)."""
+    return {k: v[s] if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 def prompt_embedding_cache(cfg, pad_id, train_toks, eval_toks, dtype, device, rank, world):
@@ -689,6 +704,9 @@ def train(cfg: Config) -> dict:
     log = lambda *a: print0(*a, rank=rank)  # noqa: E731
     if cfg.prompts_per_step % world:
         raise SystemExit(f"config: prompts_per_step={cfg.prompts_per_step} must be divisible by the world size {world}")
+    if cfg.fsdp and cfg.prompts_per_step % (world * cfg.updates_per_batch):
+        raise SystemExit(f"config: with --fsdp, prompts_per_step={cfg.prompts_per_step} must be divisible by world size "
+                         f"× updates_per_batch = {world * cfg.updates_per_batch} (every rank steps in lockstep)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
     # the bundled testbed is built on first use (rank 0 builds, the others wait)
@@ -855,7 +873,8 @@ def train(cfg: Config) -> dict:
                 chosen = scheduler.choose_prompts(pool, p_hat_of, B, cfg.tau, cfg.select, round(cfg.explore_frac * B))
             batch = roll_and_verify(chosen, step, rnd, timer)
         kept = kept[:B]
-        kept = kept[:len(kept) - len(kept) % world]  # equal shards (a sharded model needs every rank in lockstep)
+        lockstep = world * (cfg.updates_per_batch if cfg.fsdp else 1)  # a sharded model needs every rank in lockstep
+        kept = kept[:len(kept) - len(kept) % lockstep]
         if len(kept) < B:
             log(f"warning: step {step}: dynamic sampling kept {len(kept)} of {B} groups after {rnd + 1} rounds")
         mine = kept[rank::world]
@@ -900,45 +919,65 @@ def train(cfg: Config) -> dict:
         # 4. replay: draw from earlier steps (the same draw on every rank); this step's samples join later
         drawn = buf.sample(cfg.replay_per_step, replay_rng) if cfg.replay == "on" else []
         if cfg.fsdp:  # every rank must run the same number of forward passes through the sharded model
-            drawn = drawn[:len(drawn) - len(drawn) % world]
+            drawn = drawn[:len(drawn) - len(drawn) % (world * cfg.updates_per_batch)]
         my_replay = drawn[rank::world]
 
-        # 5. one optimizer step on the loss over fresh (+ replayed) samples, in micro-batches
+        # 5. optimizer step(s) on the loss over fresh (+ replayed) samples, in micro-batches
         t4 = time.time()
         policy.train()
-        if cfg.algo == "grpo" and cfg.grpo_agg == "token_mean":
-            denom = all_sum(float(rmask.sum()) if idx else 0.0, world, device)
-        else:
-            denom = n_train * G + len(drawn)
+        U = cfg.updates_per_batch
         fresh = {"pid": pid, "pmask": pmask, "resp": resp, "rmask": rmask, "reward": reward, "behavior": None,
                  "adv": tb_loss.group_advantages(reward, G, cfg.adv_eps) if not paced and idx else None,
                  "emb": emb_train_dev[torch.tensor(idx, device=device)].repeat_interleave(G, 0) if paced and idx else None,
-                 "train_logz": True}
-        loss_local, logp_old, n_tok = 0.0, torch.zeros(0, device=device), torch.zeros(0, device=device)
-        if idx:
-            loss_local, logp_old, n_tok = loss_backward(policy, ref_lm, fresh, cfg, denom)  # logp_old: log π_old(y|x), (nG,)
+                 "train_logz": True, "old_tok": None}
+        if U > 1 and idx:  # the later optimizer steps need π_old's log-probs: one pass before the first
+            fresh["old_tok"] = logprobs_nograd(policy.lm, pid, pmask, resp, rmask, cfg, per_token=True)
+        replayed = None
         if my_replay:
             r_pid, r_pmask = paced_rl.left_pad([train_toks[e["prompt"]] for e in my_replay], tokenizer.pad_token_id, device)
             r_resp, r_mask = paced_rl.right_pad([e["response"] for e in my_replay], tokenizer.pad_token_id, device)
             replayed = {"pid": r_pid, "pmask": r_pmask, "resp": r_resp, "rmask": r_mask,
                         "reward": torch.ones(len(my_replay), device=device), "train_logz": cfg.replay_trains_logz,
                         "behavior": torch.tensor([e["logp_behavior"] for e in my_replay], device=device),
-                        "emb": emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)]}
-            loss_local += loss_backward(policy, ref_lm, replayed, cfg, denom)[0]
-        global_loss = all_sum(loss_local, world, device) if denom > 0 else float("nan")  # the same on every rank
-        sync_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
-        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf"))) if logz is not None else 0.0
-        if denom == 0:  # dynamic sampling found no group with differing rewards: nothing to train on
-            skipped += 1
-            log(f"warning: step {step}: no samples to train on (dynamic sampling kept no group): update skipped")
-        elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
-            opt.step()
-        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
-            skipped += 1
-            log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
-        opt.zero_grad(set_to_none=True)
+                        "emb": emb_train_dev[torch.tensor([e["prompt"] for e in my_replay], device=device)],
+                        "adv": None, "old_tok": None}
+        # optimizer step u trains on the prompts at global positions [u·n/U, (u+1)·n/U) of this step's batch
+        # (this rank holds positions rank, rank + world, ...) and on its share of the replayed samples
+        gpos = [rank + k * world for k in range(len(idx))]
+        losses, gnorms, old_parts = [], [], []
+        for u in range(U):
+            ks = [k for k, p in enumerate(gpos) if u * n_train // U <= p < (u + 1) * n_train // U]
+            f_u = take(fresh, slice(ks[0] * G, (ks[-1] + 1) * G)) if ks else None
+            r_lo, r_hi = u * len(my_replay) // U, (u + 1) * len(my_replay) // U
+            r_u = take(replayed, slice(r_lo, r_hi)) if replayed is not None and r_hi > r_lo else None
+            if cfg.algo == "grpo" and cfg.grpo_agg == "token_mean":
+                denom = all_sum(float(f_u["rmask"].sum()) if f_u else 0.0, world, device)
+            else:
+                denom = all_sum(float((f_u["resp"].size(0) if f_u else 0) + (r_u["resp"].size(0) if r_u else 0)), world, device)
+            loss_local = 0.0
+            if f_u:
+                loss_local, old_u = loss_backward(policy, ref_lm, f_u, cfg, denom)  # old_u: log π_old(y|x), (n,)
+                old_parts.append(old_u)
+            if r_u:
+                loss_local += loss_backward(policy, ref_lm, r_u, cfg, denom)[0]
+            global_loss = all_sum(loss_local, world, device) if denom > 0 else float("nan")  # the same on every rank
+            sync_grads(params, world)
+            gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
+            gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf"))) if logz is not None else 0.0
+            if denom == 0:  # dynamic sampling found no group with differing rewards: nothing to train on
+                skipped += 1
+                log(f"warning: step {step}: no samples to train on (dynamic sampling kept no group): update skipped")
+            elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
+                opt.step()
+            else:  # a NaN or inf loss or gradient: skip this update, count it, go on
+                skipped += 1
+                log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
+            opt.zero_grad(set_to_none=True)
+            losses.append(global_loss)
+            gnorms.append(gnorm)
+        logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
+        n_tok = rmask.sum(-1).float() if idx else torch.zeros(0, device=device)
         rollouts += n_prompts * G
 
         # this step's highest-error correct trajectories enter the buffer (the same entries on every rank)
@@ -969,7 +1008,7 @@ def train(cfg: Config) -> dict:
         row.update({
             "rollouts": rollouts,
             "reward_mean": rew_gen / (B * G),  # of this step's first B prompts, as sampled (before any filter)
-            "loss": global_loss,
+            "loss": float(np.mean(losses)),  # mean over the step's optimizer steps
             "skipped_updates": skipped,
             "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()) if paced and recs else None,
             "acc_est_corr": eval_lib.pearson(p_all, acc_all) if paced else None,
@@ -982,7 +1021,7 @@ def train(cfg: Config) -> dict:
             "verifier_errors": int(tot(timer["verifier_errors"])),
             "replay_size": len(buf),
             "replayed": len(drawn),
-            "grad_norm": gnorm,
+            "grad_norm": float(np.mean(gnorms)),
             "step_s": time.time() - t0,
             "select_s": timer["select"], "rollout_s": timer["rollout"], "verify_s": timer["verify"], "update_s": t5 - t4,
         })
