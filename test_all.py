@@ -1019,7 +1019,7 @@ def test_compare_table_and_plots(algo_runs, tmp_path):
     table = eval_lib.compare(str(algo_runs), str(tmp_path))
     lines = table.splitlines()
     assert lines[0].startswith("| method | seeds | final pass@1 | final pass@8 | rollouts to grpo's")
-    body = [l for l in lines[2:] if l.startswith("| ")]
+    body = lines[2:lines.index("")]  # the first table; the selection check follows after a blank line
     assert sorted(l.split(" | ")[0][2:] for l in body) == sorted(METHODS)
     assert all(l.count("|") == lines[0].count("|") for l in body)  # a well-formed markdown table
     for name in METHODS:  # each method's final pass@1 is its run's final held-out accuracy
@@ -1031,6 +1031,8 @@ def test_compare_table_and_plots(algo_runs, tmp_path):
         with open(tmp_path / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert open(tmp_path / "table.md").read() == table
+    check = lines[lines.index("| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |") + 2:]
+    assert sorted(l.split(" | ")[0][2:] for l in check) == ["paced", "paced_replay_only", "paced_select_only"]
     with pytest.raises(SystemExit, match="no finished runs"):
         eval_lib.compare(str(tmp_path), str(tmp_path))
 
