@@ -491,6 +491,28 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
 
 
+def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
+    """Dynamic sampling gathers every rank's groups, filters them and re-shards the kept ones: the update
+    must not depend on the number of ranks."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo", dynamic_sampling="true",
+                    prompts_per_step=8, group_size=8, lr=1e-4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
+                   cwd=HERE, env=env, check=True, capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *[a.replace("=X", "=" + two) for a in args]],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["rollouts"] for r in a] == [r["rollouts"] for r in b]
+    assert any(r2["rollouts"] - r1["rollouts"] > 8 * 8 for r1, r2 in zip(a, a[1:]))  # extra rounds happened
+    for ra, rb in zip(a, b):
+        for k in ("reward_mean", "loss", "zero_var_frac", "train_prompts", "resp_len", "eval_acc", "param_checksum"):
+            if ra.get(k) is not None:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+
+
 # ----------------------------------------------------------------------------- code verifier and its sandbox
 
 FAST = verify.SandboxLimits(timeout_s=3.0, cpu_s=1, memory_mb=256, output_mb=1, tmpfs_mb=8, nproc=16)
