@@ -5,6 +5,7 @@ the comparison of methods over seeds.
     python eval.py --model=testbed/model         # any HF model on the run config's held-out data
     python eval.py --preset=paper_math_1.5b --model=<ckpt>/model --eval_data=HuggingFaceH4/aime_2024 --eval_samples=32
     python eval.py --compare=runs/compare        # runs named <method>_s<seed>: table.md and plots
+    python eval.py --compare=runs/a,runs/b --out=runs/ab   # any finished runs, or directories of them
 
 Reports mean accuracy over `eval_samples` samples per prompt (the paper: 32 for AIME), greedy
 accuracy, pass@k for k = 1, 2, 4, ... up to eval_samples (the unbiased estimator of Chen et al.),
@@ -157,24 +158,30 @@ def rollouts_to_reach(curve: list, target: float):
     return None
 
 
-def load_runs(roots: str) -> dict:
-    """{method: [run, ...]} for the finished runs <root>/<method>_s<seed> of each comma-separated root;
-    each run a dict of its metrics rows, per-prompt final held-out values and config."""
+def load_runs(paths: str) -> dict:
+    """{method: [run, ...]} from comma-separated paths, each a finished run directory (one with
+    heldout_final.json) or a directory of them. A run named <method>_s<seed> joins its method's seeds;
+    any other run is a method of its own. Each run: its metrics rows, final per-prompt held-out values
+    and config."""
     import re
 
+    dirs = []
+    for p in paths.split(","):
+        if os.path.exists(os.path.join(p, "heldout_final.json")):
+            dirs.append(os.path.normpath(p))
+        elif os.path.isdir(p):
+            dirs += [os.path.join(p, d) for d in sorted(os.listdir(p)) if os.path.exists(os.path.join(p, d, "heldout_final.json"))]
     runs = {}
-    for root, d in sorted((r, d) for r in roots.split(",") if os.path.isdir(r) for d in os.listdir(r)):
-        m = re.fullmatch(r"(.+)_s(\d+)", d)
-        path = os.path.join(root, d)
-        if not m or not os.path.exists(os.path.join(path, "heldout_final.json")):
-            continue
+    for path in sorted(dirs):
+        m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(path))
         with open(os.path.join(path, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
         with open(os.path.join(path, "heldout_final.json")) as f:
             final = json.load(f)
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
-        runs.setdefault(m.group(1), []).append({"seed": int(m.group(2)), "rows": rows, "final": final, "config": cfg})
+        name = m.group(1) if m else os.path.basename(path)
+        runs.setdefault(name, []).append({"seed": cfg.get("seed"), "rows": rows, "final": final, "config": cfg})
     return runs
 
 
@@ -201,7 +208,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
 
     runs = load_runs(root)
     if not runs:
-        raise SystemExit(f"compare: no finished runs named <method>_s<seed> in {root}")
+        raise SystemExit(f"compare: no finished runs (directories with heldout_final.json) in {root}")
     order = ["grpo", "grpo_dynamic", "flowrl", "paced_select_only", "paced_replay_only", "paced"]
     runs = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     os.makedirs(out, exist_ok=True)

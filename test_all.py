@@ -1057,6 +1057,9 @@ def test_compare_table_and_plots(algo_runs, tmp_path):
     assert sorted(l.split(" | ")[0][2:] for l in check) == ["paced", "paced_replay_only", "paced_select_only"]
     with pytest.raises(SystemExit, match="no finished runs"):
         eval_lib.compare(str(tmp_path), str(tmp_path))
+    # single run directories, named as they like, are methods of their own
+    two = eval_lib.compare(f"{algo_runs}/grpo_s0,{algo_runs}/paced_s0", str(tmp_path / "two"))
+    assert [l.split(" | ")[0][2:] for l in two.splitlines()[2:4]] == ["grpo", "paced"]
 
 
 # ----------------------------------------------------------------------------- real-model code paths
