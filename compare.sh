@@ -26,6 +26,11 @@ declare -A METHOD=(
   [paced_logz_lr3e-3]="--algo=paced --logz_lr=3e-3"
   [paced_logz_lr3e-2]="--algo=paced --logz_lr=3e-2"
   [paced_mean_last]="--algo=paced --logz_features=mean_last"
+  # fairness checks: the shared lr 2e-4 was tuned for PACED-RL; FlowRL's authors step several times per batch
+  [grpo_lr1e-4]="--algo=grpo --lr=1e-4"
+  [grpo_lr4e-4]="--algo=grpo --lr=4e-4"
+  [paced_lr4e-4]="--algo=paced --lr=4e-4"
+  [flowrl_4_updates]="--algo=flowrl --updates_per_batch=4"
 )
 ORDER=${ONLY:-"grpo grpo_dynamic flowrl paced_select_only paced_replay_only paced"}
 mkdir -p "$OUT"
