@@ -469,9 +469,10 @@ def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
         train.main(run_args(small_testbed, full, max_steps=2))
 
 
-def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
+def one_and_two_processes(tmp_path, args):
+    """Run train.py with `args` (out_dir given as X) in one process and under torchrun with two;
+    returns both runs' metrics and the 2-process run's stderr."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = run_args(small_testbed, "X", max_steps=4, eval_every=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
                    cwd=HERE, env=env, check=True, capture_output=True)
@@ -479,9 +480,13 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
                         "train.py", *[a.replace("=X", "=" + two) for a in args]],
                        cwd=HERE, env=env, capture_output=True, text=True)
     assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
+    return read_metrics(one), read_metrics(two), p.stderr
+
+
+def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
+    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=4, eval_every=2))
     # train.py raises if the ranks' parameters (θ and φ) differ at a checkpoint or at the end
-    assert "ranks disagree" not in p.stderr
-    a, b = read_metrics(one), read_metrics(two)
+    assert "ranks disagree" not in stderr
     assert [r["step"] for r in a] == [r["step"] for r in b]
     # Sampling is seeded per prompt, so both runs draw the same responses; batches of a different
     # shape change logits in the last float bits only. Tolerance: 1e-3 relative on every metric.
@@ -494,17 +499,8 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
 def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
     """Dynamic sampling gathers every rank's groups, filters them and re-shards the kept ones: the update
     must not depend on the number of ranks."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    args = run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo", dynamic_sampling="true",
-                    prompts_per_step=8, group_size=8, lr=1e-4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
-                   cwd=HERE, env=env, check=True, capture_output=True)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *[a.replace("=X", "=" + two) for a in args]],
-                       cwd=HERE, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
-    a, b = read_metrics(one), read_metrics(two)
+    a, b, _ = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
+                                                       dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4))
     assert [r["rollouts"] for r in a] == [r["rollouts"] for r in b]
     assert any(r2["rollouts"] - r1["rollouts"] > 8 * 8 for r1, r2 in zip(a, a[1:]))  # extra rounds happened
     for ra, rb in zip(a, b):
