@@ -67,12 +67,17 @@ def reliability_bins(p_hat, acc, bins: int = 10) -> list:
              float(acc[which == b].mean())) for b in range(bins) if (which == b).any()]
 
 
-def plot_reliability(series: dict, path: str, title: str = ""):
-    """One reliability curve per label: series = {label: (p_hat, acc)}; writes a PNG."""
+def _pyplot():
+    """matplotlib's pyplot without a display (imported only when a plot is written)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_reliability(series: dict, path: str, title: str = ""):
+    """One reliability curve per label: series = {label: (p_hat, acc)}; writes a PNG."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
     for label, (p, a) in series.items():
@@ -202,10 +207,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
     A target's accuracy is the baseline's final held-out accuracy, median over its seeds; the ratio
     is the median rollouts `focus` needs to reach it over the median the baseline needs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     runs = load_runs(root)
     if not runs:
         raise SystemExit(f"compare: no finished runs (directories with heldout_final.json) in {root}")
@@ -249,9 +251,9 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
             else:
                 lines.append(f"- {focus} reaches {t}'s final held-out accuracy {final_acc[t]:.3f} in {a / b:.2f}× the rollouts "
                              f"{t} needs ({a:,.0f} vs {b:,.0f}; medians over seeds)")
+    with_p_hat = {m: rs for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}  # PACED-RL runs
     checks = {m: [selection_check(r["final"]["p_hat"], r["final"]["acc"], r["config"].get("group_size", 8),
-                                  r["config"].get("tau", 0.5)) for r in rs]
-              for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}
+                                  r["config"].get("tau", 0.5)) for r in rs] for m, rs in with_p_hat.items()}
     if checks:
         lines += ["", "Selection check on the held-out prompts at the end (`eval.selection_check`): the expected share of "
                   "groups with all-equal rewards when a quarter of the prompts is chosen nearest τ by p̂, by the true "
@@ -278,7 +280,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     fig.savefig(os.path.join(out, "accuracy_vs_rollouts.png"), dpi=120)
     plt.close(fig)
     series = {m: (np.concatenate([r["final"]["p_hat"] for r in rs]), np.concatenate([r["final"]["acc"] for r in rs]))
-              for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}
+              for m, rs in with_p_hat.items()}
     if series:
         plot_reliability(series, os.path.join(out, "reliability.png"), "held-out calibration of p̂ at the end (all seeds)")
     return table

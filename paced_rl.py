@@ -9,12 +9,13 @@
   training set's mean/std, the MLP's output read in accuracy units (log Z = output/β), its output
   layer zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections
   are effectively uniform.
+- `PooledLogZHead`: FlowRL's head (a baseline), over the policy's own mean-pooled prompt states.
 - `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
   `policy.parameters()` synchronizes both.
 - `generate`: batched sampling of G responses per prompt with a KV cache, left padding, temperature,
   a length cap and stop at EOS. Each prompt draws its noise from its own generator seeded by
   (seed, step, prompt id), so a prompt's samples do not depend on the rank or batch it lands in.
-- `sequence_logprobs`: Σ_t log π(y_t | x, y_<t) over response tokens. The mask keeps every token up
+- `token_logprobs` / `sequence_logprobs`: log π(y_t | x, y_<t) per response token / summed. The mask keeps every token up
   to and including the first EOS (EOS is trained) and nothing after it, which stays right when
   pad == EOS (a trap of public RL code, STYLE.md).
 """

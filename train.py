@@ -5,7 +5,8 @@ One step (DESIGN.md §6):
   2. roll out G responses per prompt with the current policy, π_old := π_θ        (paced_rl.py)
   3. verify: reward r ∈ {0, 1}, per-prompt accuracy a(x), error e(x) = |a − p̂|      (verify.py)
   4. draw replayed correct trajectories from earlier steps                          (replay.py)
-  5. one optimizer step on the TB loss over fresh + replayed samples, in θ and φ   (tb_loss.py);
+  5. one optimizer step (`updates_per_batch` > 1: several, each on a share of the prompts) on the
+     TB loss over fresh + replayed samples, in θ and φ                             (tb_loss.py);
      then this step's highest-error correct trajectories enter the buffer
   6. log metrics reduced over all ranks to <out_dir>/metrics.jsonl
 
@@ -16,8 +17,9 @@ equals the one-process update on the global batch (what DDP does, in ten lines y
 Where we depart from or fill in the paper (each a config field below): the candidate pool and
 exploration slots, the initial estimate p0, replayed samples drawn *before* this step's are added (a
 trajectory never appears twice in one update), replayed samples anchored on the current policy with a
-clipped importance weight and not training Z_φ. One optimizer step per rollout batch, so log π_old is
-the update's own forward pass, detached. Run `python train.py --help` for every field.
+clipped importance weight and not training Z_φ. One optimizer step per rollout batch by default, so
+log π_old is the update's own forward pass, detached (with updates_per_batch > 1, one no-grad pass
+before the first step). Run `python train.py --help` for every field.
 
 Baselines in the same loop (`--algo`, DESIGN.md §9): `grpo` (group-normalized advantage, clipped token
 ratio, optional KL to π_ref; `--dynamic_sampling=true` adds DAPO's filter, rolling out more prompts
@@ -204,12 +206,10 @@ def make_config(overrides: dict) -> Config:
     if name and name not in PRESETS:
         raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
     merged = {**PRESETS.get(name, {}), **overrides}
-    if merged.get("algo", "paced") != "paced" and (merged.get("select", "uniform") != "uniform" or merged.get("replay", "off") != "off"):
-        raise SystemExit(f"config: algo={merged['algo']} samples uniformly without replay (the baseline as published); "
-                         f"select and replay are PACED-RL's switches")
+    if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_config names the conflict
+        merged = {"select": "uniform", "replay": "off", **merged}
     cfg = Config(**merged)
-    if cfg.algo != "paced":
-        cfg = dataclasses.replace(cfg, select="uniform", replay="off")
+    check_config(cfg)
     return cfg
 
 
@@ -233,8 +233,8 @@ def check_config(cfg: Config):
         if getattr(cfg, k) < 0:
             raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
     if cfg.algo != "paced" and (cfg.select != "uniform" or cfg.replay != "off"):
-        raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay; got select={cfg.select}, "
-                         f"replay={cfg.replay} (make_config sets both for the baselines)")
+        raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay (the baseline as published); got "
+                         f"select={cfg.select}, replay={cfg.replay}: those are PACED-RL's switches")
     if cfg.updates_per_batch > cfg.prompts_per_step:
         raise SystemExit(f"config: updates_per_batch={cfg.updates_per_batch} exceeds prompts_per_step={cfg.prompts_per_step}")
     for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds", "updates_per_batch"):
@@ -821,8 +821,7 @@ def train(cfg: Config) -> dict:
         if paced:
             with torch.no_grad():
                 p_hat = (beta * policy.logz(emb_eval.to(device))).cpu().numpy()
-            out.update({"eval_acc_est_corr": eval_lib.pearson(p_hat, acc),
-                        "eval_acc_est_abs_err": float(np.abs(p_hat - acc).mean())})
+            out.update({"eval_" + k: v for k, v in eval_lib.calibration(p_hat, acc).items()})
         if final and rank == 0:
             with open(os.path.join(cfg.out_dir, "heldout_final.json.tmp"), "w") as f:
                 json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()}, f)
@@ -965,9 +964,9 @@ def train(cfg: Config) -> dict:
             gnorm = torch.nn.utils.clip_grad_norm_(list(lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
             gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(logz.parameters()), float("inf"))) if logz is not None else 0.0
-            if denom == 0:  # dynamic sampling found no group with differing rewards: nothing to train on
+            if denom == 0:  # dynamic sampling kept too few groups: nothing to train on in this optimizer step
                 skipped += 1
-                log(f"warning: step {step}: no samples to train on (dynamic sampling kept no group): update skipped")
+                log(f"warning: step {step}: no samples to train on (dynamic sampling kept too few groups): update skipped")
             elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
                 opt.step()
             else:  # a NaN or inf loss or gradient: skip this update, count it, go on
