@@ -24,7 +24,8 @@ import paced_rl
 import replay
 import scheduler
 import tb_loss
-import train
+import update
+from config import Config
 import verify
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -83,7 +84,7 @@ def main(argv):
     lm = build(b, device, dtype)
     n_params = sum(p.numel() for p in lm.parameters())
     H, vocab = lm.config.hidden_size, lm.config.vocab_size
-    cfg = train.Config(group_size=b.group_size, max_new_tokens=b.response_len, rollout_batch=b.rollout_batch,
+    cfg = Config(group_size=b.group_size, max_new_tokens=b.response_len, rollout_batch=b.rollout_batch,
                        micro_batch=b.micro_batch, temperature=1.0)
     logz = paced_rl.LogZHead(H, 256, cfg.beta, 0.5).to(device)
     policy = paced_rl.Policy(lm, logz)
@@ -122,7 +123,7 @@ def main(argv):
         batch = {"pid": pid.repeat_interleave(b.group_size, 0), "pmask": pmask.repeat_interleave(b.group_size, 0),
                  "resp": resp, "rmask": rmask, "reward": reward, "behavior": None, "train_logz": True,
                  "emb": emb[:b.prompts].repeat_interleave(b.group_size, 0)}
-        train.loss_backward(policy, None, batch, cfg, resp.size(0))
+        update.loss_backward(policy, None, batch, cfg, resp.size(0))
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

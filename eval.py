@@ -26,7 +26,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+import config
+import paced_rl
+import verify
+from checkpoint import ckpt_dirs
+from data import encode_prompts, load_prompts
+from distributed import gather, print0, setup_distributed, teardown
+from rollout import rollout, seed_of
 
 
 def pearson(a, b):
@@ -114,9 +121,6 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
     """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample), for every
     prompt in `toks`, in order; the work is sharded over ranks and gathered. distinct=True also
     returns each prompt's number of distinct correct responses."""
-    import train
-    import verify
-
     n = 1 if temperature == 0 else n_samples
     sub = dataclasses.replace(cfg, group_size=n)
     mine = list(range(rank, len(toks), world))
@@ -125,16 +129,35 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
     recs = []
     for i in range(0, len(mine), cfg.eval_batch):
         idx = mine[i:i + cfg.eval_batch]
-        seeds = [train.seed_of(cfg.seed, 1, j) for j in idx]
-        texts = train.rollout(lm, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)[-1]
+        seeds = [seed_of(cfg.seed, 1, j) for j in idx]
+        texts = rollout(lm, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)[-1]
         for k, j in enumerate(idx):
             if i + k >= n_mine:
                 break  # padding of this rank's shard: not scored
             r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n, cfg.verifier_workers)
             recs.append((j, sum(r) / n, distinct_correct(texts[k * n:(k + 1) * n], r)))
-    recs = sorted(sum(train.gather(recs, world), []))
+    recs = sorted(sum(gather(recs, world), []))
     acc = np.array([a for _, a, _ in recs])
     return (acc, np.array([d for _, _, d in recs])) if distinct else acc
+
+
+def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device, rank, world, final_path=None) -> dict:
+    """Held-out accuracy over eval_samples samples per prompt, pass@k, and (PACED-RL, emb = e(x) of the
+    held-out prompts) the calibration of p̂. final_path: also write the per-prompt values there (JSON,
+    atomically), which eval.py --compare plots."""
+    n = cfg.eval_samples
+    acc = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, n, cfg.temperature)
+    out = {"eval_acc": float(acc.mean()), "eval_pass_at_k": {str(k): v for k, v in pass_at_ks(n, np.rint(acc * n)).items()}}
+    p_hat = None
+    if emb is not None:
+        with torch.no_grad():
+            p_hat = (cfg.beta * policy.logz(emb.to(device))).cpu().numpy()
+        out.update({"eval_" + k: v for k, v in calibration(p_hat, acc).items()})
+    if final_path and rank == 0:
+        with open(final_path + ".tmp", "w") as f:
+            json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()}, f)
+        os.replace(final_path + ".tmp", final_path)
+    return out
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -287,7 +310,6 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
 
 
 def main(argv):
-    import train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
@@ -301,17 +323,17 @@ def main(argv):
     base = {}
     if run:
         with open(os.path.join(run, "config.json")) as f:
-            base = {k: v for k, v in json.load(f).items() if k in {x.name for x in dataclasses.fields(train.Config)}}
-    overrides = train.parse_args([f"--{k}={v}" for k, v in args.items()])
-    cfg = train.make_config({**base, **overrides})
-    rank, world, device = train.setup_distributed(cfg)
-    log = lambda *a: train.print0(*a, rank=rank)  # noqa: E731
-    rows = train.load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
+            base = {k: v for k, v in json.load(f).items() if k in {x.name for x in dataclasses.fields(config.Config)}}
+    overrides = config.parse_args([f"--{k}={v}" for k, v in args.items()])
+    cfg = config.make_config({**base, **overrides})
+    rank, world, device = setup_distributed(cfg)
+    log = lambda *a: print0(*a, rank=rank)  # noqa: E731
+    rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
                               cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
-    fn = train.verify.get_verifier(cfg.verifier)
+    fn = verify.get_verifier(cfg.verifier)
     targets = []  # (name, model dir, state.pt or None)
     if run:
-        ck = train.ckpt_dirs(run)
+        ck = ckpt_dirs(run)
         targets.append(("initial", cfg.model, None))
         if ck:
             targets.append((ck[-1], os.path.join(run, ck[-1], "model"), os.path.join(run, ck[-1], "state.pt")))
@@ -321,7 +343,7 @@ def main(argv):
     for name, path, state in targets:
         tok = AutoTokenizer.from_pretrained(path)
         tok.padding_side = "left"
-        toks = train.encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix)
+        toks = encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix)
         lm = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         answers = [r["answer"] for r in rows]
         acc, distinct = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples,
@@ -331,7 +353,6 @@ def main(argv):
                "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()), "distinct": float(distinct.mean()),
                "pass_at_k": pass_at_ks(cfg.eval_samples, np.rint(acc * cfg.eval_samples))}
         if state and cfg.algo == "paced":  # calibration of p̂ on these prompts: e(x) from the initial model, as in training
-            import paced_rl
             st = torch.load(state, weights_only=False)
             base = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
             emb = paced_rl.prompt_embeddings(base, toks, tok.pad_token_id, cfg.eval_batch, device, cfg.logz_features)
@@ -354,8 +375,7 @@ def main(argv):
         log(f"| {r['model']} | {r['sampled']:.3f} | {r['greedy']:.3f} | "
             + " | ".join(f"{r['pass_at_k'][k]:.3f}" for k in ks)
             + f" | {r['distinct']:.2f} | {r['mid_frac']:.2f} | {'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
-    if world > 1:
-        dist.destroy_process_group()
+    teardown(world)
     return table
 
 

@@ -18,8 +18,12 @@ import paced_rl
 import replay
 import scheduler
 import tb_loss
+import checkpoint
+import config
+import data
 import testbed
 import train
+import update
 import verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -386,21 +390,21 @@ def test_bad_data_rows_are_named(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "", "answer": "3"}) + "\n")
     with pytest.raises(SystemExit, match=r"d.jsonl row 1: field 'prompt' must be a non-empty string"):
-        train.load_prompts(str(p), "prompt", "answer")
+        data.load_prompts(str(p), "prompt", "answer")
     with pytest.raises(SystemExit, match=r"has no field 'question'"):
-        train.load_prompts(str(p), "question", "answer")
+        data.load_prompts(str(p), "question", "answer")
     with pytest.raises(SystemExit, match="does not exist"):
-        train.load_prompts(str(tmp_path / "nope.jsonl"), "prompt", "answer")
+        data.load_prompts(str(tmp_path / "nope.jsonl"), "prompt", "answer")
 
 
 def test_cli_errors_and_help(capsys):
     with pytest.raises(SystemExit, match="unknown key 'lrr'"):
-        train.parse_args(["--lrr=1"])
+        config.parse_args(["--lrr=1"])
     with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
-        train.parse_args(["--lr=fast"])
-    assert train.parse_args(["--replay_trains_logz=on", "--group_size=4"]) == {"replay_trains_logz": True, "group_size": 4}
+        config.parse_args(["--lr=fast"])
+    assert config.parse_args(["--replay_trains_logz=on", "--group_size=4"]) == {"replay_trains_logz": True, "group_size": 4}
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--help"])
+        config.parse_args(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--logz_lr" in out and "Z_φ learning rate" in out
@@ -412,8 +416,8 @@ def test_testbed_is_an_ordinary_hf_model_with_disjoint_splits(small_testbed):
     tok = AutoTokenizer.from_pretrained(f"{small_testbed}/model")
     lm = AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model")
     assert tok.decode(tok("12+3=").input_ids) == "12+3=" and tok.eos_token_id != tok.pad_token_id
-    train_rows = train.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
-    held = train.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
+    train_rows = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
+    held = data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
     assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held}  # held-out never trained on
     a, b = held[0]["prompt"].rstrip("=").split("+")
     assert held[0]["answer"] == str(int(a) + int(b))[::-1]
@@ -425,7 +429,7 @@ def test_testbed_is_an_ordinary_hf_model_with_disjoint_splits(small_testbed):
 
 def test_training_run_learns(small_testbed, tmp_path):
     out = str(tmp_path / "run")
-    res = train.train(train.Config(**train.parse_args(run_args(
+    res = train.train(config.Config(**config.parse_args(run_args(
         small_testbed, out, max_steps=30, eval_every=30, prompts_per_step=8, group_size=8, pool_size=32,
         logz_lr=3e-3))))
     rows = [r for r in read_metrics(out) if "loss" in r]
@@ -702,7 +706,7 @@ def test_sigint_checkpoints_and_stops_cleanly(small_testbed, full_run, tmp_path)
     assert p.returncode == 0, stderr[-2000:]
     assert "stopped by signal SIGINT" in stdout and f"--resume={out}" in stdout
     done = max(train_rows(out)) + 1
-    assert done < 30 and train.ckpt_dirs(out) == [f"ckpt_{done:06d}"]  # a checkpoint at the step it stopped
+    assert done < 30 and checkpoint.ckpt_dirs(out) == [f"ckpt_{done:06d}"]  # a checkpoint at the step it stopped
     train.main([f"--resume={out}"])
     same_rows(full_run, train_rows(out), range(30))
 
@@ -710,7 +714,7 @@ def test_sigint_checkpoints_and_stops_cleanly(small_testbed, full_run, tmp_path)
 def test_corrupt_checkpoint_is_named_and_skipped(small_testbed, full_run, tmp_path, capsys):
     out = str(tmp_path / "corrupt")
     train.main(run_args(small_testbed, out, max_steps=6, ckpt_every=2, keep_ckpts=3, eval_every=10))
-    assert train.ckpt_dirs(out) == ["ckpt_000002", "ckpt_000004", "ckpt_000006"]
+    assert checkpoint.ckpt_dirs(out) == ["ckpt_000002", "ckpt_000004", "ckpt_000006"]
     state = os.path.join(out, "ckpt_000006", "state.pt")
     with open(state, "r+b") as f:
         f.truncate(os.path.getsize(state) // 2)
@@ -719,14 +723,14 @@ def test_corrupt_checkpoint_is_named_and_skipped(small_testbed, full_run, tmp_pa
         f.seek(1000)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="ckpt_000006/state.pt is truncated"):
-        train.check_checkpoint(os.path.join(out, "ckpt_000006"))
+        checkpoint.check_checkpoint(os.path.join(out, "ckpt_000006"))
     capsys.readouterr()
     train.main([f"--resume={out}", "--max_steps=10"])
     log = capsys.readouterr().out
     assert "ckpt_000006/state.pt is truncated" in log and "model.safetensors is corrupt" in log
     assert "resumed" in log and "ckpt_000002" in log  # fell back to the newest good one
     same_rows(full_run, train_rows(out), range(10))
-    for d in train.ckpt_dirs(out):  # every checkpoint damaged: a clear error, no silent fresh start
+    for d in checkpoint.ckpt_dirs(out):  # every checkpoint damaged: a clear error, no silent fresh start
         os.remove(os.path.join(out, d, "manifest.json"))
     with pytest.raises(SystemExit, match="no usable checkpoint in"):
         train.main([f"--resume={out}"])
@@ -744,7 +748,7 @@ def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path,
 
     monkeypatch.setattr(tb_loss, "paced_tb_loss", flaky)
     out = str(tmp_path / "nan")
-    res = train.train(train.Config(**train.parse_args(run_args(small_testbed, out, max_steps=6, replay="off"))))
+    res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=6, replay="off"))))
     rows = train_rows(out)
     assert rows[4]["loss"] is None and rows[4]["skipped_updates"] == 1  # written as null, counted
     assert rows[5]["skipped_updates"] == 1 and math.isfinite(rows[5]["loss"])
@@ -799,20 +803,20 @@ def test_bad_input_files(tmp_path):
     ]
     for name, text, msg in cases:
         with pytest.raises(SystemExit, match=msg):
-            train.load_prompts(write(tmp_path, name, text), "prompt", "answer")
+            data.load_prompts(write(tmp_path, name, text), "prompt", "answer")
     # numbers are fine answers (AIME files hold integers): kept as strings
-    rows = train.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
+    rows = data.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
     assert rows == [{"prompt": "a", "answer": "42"}]
     with pytest.raises(SystemExit, match=r"code.jsonl row 0: field 'answer': code test 0 must be a dict"):
-        train.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
+        data.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
 
 
 def test_long_prompts_are_skipped_and_counted():
     said = []
-    rows, toks = train.drop_long([{"p": 1}, {"p": 2}, {"p": 3}], [[1] * 5, [1] * 50, [1] * 3], 10, "d.jsonl", said.append)
+    rows, toks = data.drop_long([{"p": 1}, {"p": 2}, {"p": 3}], [[1] * 5, [1] * 50, [1] * 3], 10, "d.jsonl", said.append)
     assert rows == [{"p": 1}, {"p": 3}] and said == ["d.jsonl: skipped 1 of 3 prompts longer than max_prompt_tokens=10"]
     with pytest.raises(SystemExit, match="every prompt of d.jsonl is longer than max_prompt_tokens=2"):
-        train.drop_long([{"p": 1}], [[1] * 5], 2, "d.jsonl", said.append)
+        data.drop_long([{"p": 1}], [[1] * 5], 2, "d.jsonl", said.append)
 
 
 def test_bad_config_values():
@@ -821,7 +825,7 @@ def test_bad_config_values():
                       (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller"),
                       (["--fsdp=on", "--logit_chunk=64"], "logit_chunk calls the model's body")):
         with pytest.raises(SystemExit, match=msg):
-            train.check_config(train.Config(**train.parse_args(args)))
+            config.check_config(config.Config(**config.parse_args(args)))
 
 
 # ----------------------------------------------------------------------------- math verifier
@@ -870,7 +874,7 @@ def test_micro_batches_give_the_same_update(small_testbed, tmp_path):
     runs = {}
     for name, kw in {"one": {}, "micro": {"micro_batch": 3, "rollout_batch": 1}}.items():
         out = str(tmp_path / name)
-        res = train.train(train.Config(**train.parse_args(run_args(small_testbed, out, max_steps=3, eval_every=10))))
+        res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=3, eval_every=10))))
         runs[name] = (res["policy"], train_rows(out))
     (p1, r1), (p2, r2) = runs["one"], runs["micro"]
     for (n, a), b in zip(p1.named_parameters(), p2.parameters()):
@@ -995,10 +999,10 @@ def test_each_algo_trains_end_to_end(algo_runs, small_testbed, name):
 
 def test_baseline_config_conflicts_are_named():
     with pytest.raises(SystemExit, match="algo=grpo samples uniformly without replay"):
-        train.make_config(train.parse_args(["--algo=grpo", "--select=paced"]))
+        config.make_config(config.parse_args(["--algo=grpo", "--select=paced"]))
     with pytest.raises(SystemExit, match="algo"):
-        train.check_config(train.Config(algo="ppo"))
-    cfg = train.make_config(train.parse_args(["--algo=flowrl"]))
+        config.check_config(config.Config(algo="ppo"))
+    cfg = config.make_config(config.parse_args(["--algo=flowrl"]))
     assert (cfg.select, cfg.replay) == ("uniform", "off")
 
 
@@ -1043,7 +1047,7 @@ def test_several_updates_per_rollout_batch(small_testbed, tmp_path, algo):
     train.main(run_args(small_testbed, one, max_steps=4, algo=algo))
     assert read_metrics(one)[-1]["param_checksum"] != a[-1]["param_checksum"]
     with pytest.raises(SystemExit, match="updates_per_batch=8 exceeds prompts_per_step=4"):
-        train.check_config(train.Config(prompts_per_step=4, updates_per_batch=8))
+        config.check_config(config.Config(prompts_per_step=4, updates_per_batch=8))
 
 
 def test_compare_ratios_on_hand_made_runs(tmp_path):
@@ -1145,20 +1149,20 @@ def test_chat_template_is_applied(math_files):
 
     tok = AutoTokenizer.from_pretrained(str(math_files / "model"))
     said = []
-    ids = train.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.")
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.")
     assert tok.decode(ids[0]) == "<|im_start|>user\n1+1? Box it.<|im_end|>\n<|im_start|>assistant\n" and not said
     tok.chat_template = None
-    ids = train.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
     assert tok.decode(ids[0]) == "1+1?" and said == ["tokenizer has no chat template: prompts are used as plain text"]
 
 
 def test_presets():
-    cfg = train.make_config(train.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
+    cfg = config.make_config(config.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
     assert cfg.model == "Qwen/Qwen2.5-Math-1.5B" and cfg.verifier == "math" and cfg.lr == 2e-6  # CLI wins
     assert cfg.beta == 0.05 and cfg.group_size == 8 and cfg.max_new_tokens == 3072 and cfg.dtype == "bfloat16"
-    assert train.make_config({"preset": "paper_math_7b"}).grad_ckpt and train.make_config({"preset": "paper_math_7b"}).fsdp
+    assert config.make_config({"preset": "paper_math_7b"}).grad_ckpt and config.make_config({"preset": "paper_math_7b"}).fsdp
     with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
-        train.make_config({"preset": "paper_math_70b"})
+        config.make_config({"preset": "paper_math_70b"})
 
 
 def test_bench_prints_the_phase_split(capsys):

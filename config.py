@@ -1,0 +1,202 @@
+"""The run's configuration: `python train.py --key=value ...` (or under torchrun); `--help` lists every field.
+
+Every number of a run is a field of Config, with a one-line comment (unit, rule of thumb, paper value)
+that `--help` prints. Values come from the defaults, then a preset (PRESETS, the paper's settings), then
+the command line; check_config refuses inconsistent combinations with an error that names the field.
+"""
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass
+
+import verify
+
+
+@dataclass
+class Config:
+    # --- run
+    out_dir: str = "runs/paced"  # metrics.jsonl, checkpoints and the prompt-embedding cache go here
+    seed: int = 0  # seeds the pool order, the sampling noise of every prompt, Z_φ init, replay draws
+    resume: str = ""  # a run directory: continue from its newest checkpoint (its config, then CLI overrides)
+    max_steps: int = 250  # optimizer steps; the paper runs 150 on DeepScaleR
+    device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
+    dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
+    dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
+    preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
+    attn_impl: str = "sdpa"  # attention kernel: sdpa (PyTorch) | flash_attention_2 (needs flash-attn) | eager
+    grad_ckpt: bool = False  # gradient checkpointing: recompute activations in backward (large models)
+    fsdp: bool = False  # shard the policy's weights, gradients and AdamW state over ranks with FSDP2
+    # --- model and data
+    model: str = "testbed/model"  # HF hub id or local path of the initial policy (also π_ref, and e(x))
+    train_data: str = "testbed/train.jsonl"  # json / jsonl prompts with the fields below
+    eval_data: str = "testbed/heldout.jsonl"  # held-out prompts: evaluated, never trained on or pooled
+    prompt_field: str = "prompt"  # the field holding the prompt text (DeepScaleR, MATH-500, AIME: problem)
+    answer_field: str = "answer"  # the field holding the reference answer given to the verifier
+    eval_prompt_field: str = ""  # the held-out file's prompt field, if it differs ("" = prompt_field)
+    eval_answer_field: str = ""  # the held-out file's answer field, if it differs ("" = answer_field)
+    prompt_suffix: str = ""  # appended to every prompt text, e.g. an instruction to box the final answer
+    verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | math | code
+    verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
+    testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
+    max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
+    # --- rollouts
+    prompts_per_step: int = 32  # B, prompts per step over all ranks (divisible by the world size)
+    group_size: int = 8  # G, responses per prompt (paper: 8)
+    max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
+    rollout_batch: int = 0  # prompts per generation call (bounds KV-cache memory); 0 = all of a rank's prompts
+    micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
+    logit_chunk: int = 0  # response positions per output-head chunk, recomputed in backward (big vocabularies); 0 = all
+    updates_per_batch: int = 1  # optimizer steps per rollout batch, each on 1/U of its prompts (FlowRL's code: 16); 1 = on-policy
+    temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
+    # --- algorithm
+    algo: str = "paced"  # paced (this paper) | grpo | flowrl: the baselines sample uniformly, without replay
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, roll out more prompts until B are kept
+    dyn_max_rounds: int = 8  # dynamic sampling: at most this many rollout rounds of B prompts per step (DAPO: max_num_gen_batches)
+    adv_eps: float = 1e-4  # GRPO / FlowRL advantage (r − group mean)/(group std + adv_eps) (TRL: 1e-4)
+    clip_eps: float = 0.2  # GRPO: the token ratio π_θ/π_old is clipped to [1 − ε, 1 + ε] (TRL: 0.2)
+    grpo_agg: str = "token_mean"  # GRPO loss aggregation: token_mean (Σ tokens / global token count) | seq_mean
+    kl_coef: float = 0.0  # GRPO: weight of the per-token k3 KL to the initial model (TRL default: 0); > 0 loads π_ref
+    flowrl_reward_mult: float = 15.0  # FlowRL: multiplier of the group-normalized reward in the residual (authors: 15)
+    flowrl_is_clip: float = 10.0  # FlowRL: importance weight min(clip, π_θ/π_old) of a sequence, detached (authors: 10)
+    # --- PACED-RL
+    beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
+    tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
+    select: str = "paced"  # paced: B candidates nearest τ | uniform: the first B of the pool (baseline)
+    explore_frac: float = 0.5  # share of the B prompts drawn uniformly from the rest of the pool (ours; 0 = paper)
+    pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
+    logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
+    logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
+    logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
+    logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
+    # --- replay
+    replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories
+    replay_capacity: int = 128  # buffer size (paper: 128)
+    replay_add_k: int = 64  # highest-error correct trajectories added per step (paper: 64)
+    replay_per_step: int = 16  # replayed samples joining each update (paper: not given)
+    replay_anchor: str = "current"  # current: π_old = the policy before this update | behavior: the sampler's
+    replay_is_clip: float = 1.0  # replayed weight min(clip, π_θold/π_behavior), detached; 0 = no weight
+    replay_trains_logz: bool = False  # correct-only samples would push log Z_φ (so p̂) up: off
+    # --- optimization
+    lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
+    logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
+    weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
+    grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
+    # --- evaluation, logging, checkpoints
+    eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
+    eval_samples: int = 32  # samples per held-out prompt at `temperature` (the paper: 32 for AIME)
+    eval_batch: int = 64  # held-out prompts per generation batch
+    ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
+    keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
+
+
+# The paper's settings (DESIGN.md §7). Hub ids are downloaded on first use; B, the pool and the
+# micro-batch sizes are ours (the paper does not give them); see the README for hardware.
+_PAPER_MATH = dict(
+    train_data="agentica-org/DeepScaleR-Preview-Dataset", eval_data="HuggingFaceH4/MATH-500:test",
+    prompt_field="problem", answer_field="answer", verifier="math",
+    prompt_suffix=" Let's think step by step and output the final answer within \\boxed{}.",
+    group_size=8, temperature=1.0, max_prompt_tokens=1024, max_new_tokens=3072, beta=0.05, tau=0.5,
+    lr=1e-6, weight_decay=0.1, max_steps=150, prompts_per_step=128, pool_size=512, eval_every=10,
+    eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
+    testbed_dir="", out_dir="runs/paper_math")
+PRESETS = {
+    "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64,
+                        "logit_chunk": 512},
+    "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,
+                      "grad_ckpt": True, "fsdp": True},
+}
+
+
+def field_docs():
+    """{field: comment} from the source of Config, for --help."""
+    docs = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)", line)
+        if m:
+            docs[m.group(1)] = m.group(2)
+    return docs
+
+
+def parse_value(key: str, raw: str, default):
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "on", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "off", "no"):
+                return False
+            raise ValueError
+        return type(default)(raw)
+    except ValueError:
+        raise SystemExit(f"config: --{key}={raw!r} is not a valid {type(default).__name__}") from None
+
+
+def parse_args(argv) -> dict:
+    """`--key=value` pairs -> {key: typed value}; `--help` prints every field."""
+    defaults = Config()
+    known = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            docs = field_docs()
+            print(__doc__.split("\n\n")[0] + "\n\nConfig (override with --key=value):")
+            for f in dataclasses.fields(Config):
+                print(f"  {'--' + f.name + '=' + repr(getattr(defaults, f.name)):<40} {docs.get(f.name, '')}")
+            raise SystemExit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"config: expected --key=value, got {arg!r}")
+        key, raw = arg[2:].split("=", 1)
+        if key not in known:
+            raise SystemExit(f"config: unknown key {key!r}; run `python train.py --help` for the list")
+        out[key] = parse_value(key, raw, getattr(defaults, key))
+    return out
+
+
+def make_config(overrides: dict) -> Config:
+    """Defaults, then the preset's values, then the command line's. The baselines (algo grpo, flowrl)
+    sample prompts uniformly and have no replay buffer, as published: select and replay are set so."""
+    name = overrides.get("preset", "")
+    if name and name not in PRESETS:
+        raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    merged = {**PRESETS.get(name, {}), **overrides}
+    if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_config names the conflict
+        merged = {"select": "uniform", "replay": "off", **merged}
+    cfg = Config(**merged)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
+               "select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
+               "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
+               "logz_features": ("mean", "mean_last"), "attn_impl": ("sdpa", "flash_attention_2", "eager")}
+    for k, allowed in choices.items():
+        if getattr(cfg, k) not in allowed:
+            raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "eval_every", "ckpt_every", "eval_samples"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
+    if cfg.beta <= 0:
+        raise SystemExit(f"config: beta must be > 0, got {cfg.beta}")
+    for k in ("tau", "explore_frac", "logz_init_acc"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
+    for k in ("adv_eps", "clip_eps", "kl_coef", "flowrl_reward_mult", "flowrl_is_clip"):
+        if getattr(cfg, k) < 0:
+            raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
+    if cfg.algo != "paced" and (cfg.select != "uniform" or cfg.replay != "off"):
+        raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay (the baseline as published); got "
+                         f"select={cfg.select}, replay={cfg.replay}: those are PACED-RL's switches")
+    if cfg.updates_per_batch > cfg.prompts_per_step:
+        raise SystemExit(f"config: updates_per_batch={cfg.updates_per_batch} exceeds prompts_per_step={cfg.prompts_per_step}")
+    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds", "updates_per_batch"):
+        if getattr(cfg, k) < 1:
+            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
+    if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
+        raise SystemExit(f"config: pool_size={cfg.pool_size} is smaller than prompts_per_step={cfg.prompts_per_step}")
+    if cfg.fsdp and cfg.logit_chunk > 0:
+        raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "
+                         "does not allow; with --fsdp=true bound the logits' memory with micro_batch instead")
+    if cfg.verifier not in verify.VERIFIERS:
+        raise SystemExit(f"config: verifier={cfg.verifier!r}; known: {sorted(verify.VERIFIERS)}")

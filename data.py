@@ -1,0 +1,134 @@
+"""Prompt data: loading (local json / jsonl / parquet, or a hub data set), row checks, encoding through
+the chat template, the prompt-length cap, and the frozen prompt embeddings e(x) that Z_φ reads.
+
+Every bad row stops the run with an error naming the file, the row and what is wrong; prompts over
+max_prompt_tokens are skipped and counted. The held-out file is evaluated, never trained on.
+"""
+
+import json
+import os
+import re
+
+import torch
+
+import paced_rl
+import verify
+from distributed import gather
+
+
+def load_data(cfg, tokenizer, log):
+    """(train_rows, train_toks, eval_rows, eval_toks): both files loaded, checked, encoded, length-capped."""
+    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
+    eval_rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
+                             cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
+    overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
+    if overlap:
+        log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
+    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log, cfg.prompt_suffix),
+                                       cfg.max_prompt_tokens, cfg.train_data, log)
+    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix),
+                                     cfg.max_prompt_tokens, cfg.eval_data, log)
+    return train_rows, train_toks, eval_rows, eval_toks
+
+
+def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed") -> list:
+    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer'}].
+    Every bad row stops the run with an error naming the file, the row and what is wrong."""
+    import datasets
+
+    if not os.path.exists(path):
+        hub = re.fullmatch(r"([\w.-]+/[\w.-]+)(?::([\w.-]+))?", path)  # org/name or org/name:split
+        if not hub:
+            raise SystemExit(f"data: {path} does not exist")
+        try:
+            ds = datasets.load_dataset(hub.group(1), split=hub.group(2) or "train")
+        except Exception as e:
+            raise SystemExit(f"data: {path} is neither a local file nor a data set that could be loaded from the "
+                             f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return check_rows(ds, path, prompt_field, answer_field, verifier)
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"data: {path} is empty")
+    if path.endswith(".jsonl"):  # name the line of a malformed record (datasets' own error does not)
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        raise SystemExit(f"data: {path} line {n}: not valid JSON ({e})") from None
+                    if not isinstance(rec, dict):
+                        raise SystemExit(f"data: {path} line {n}: expected a JSON object, got {type(rec).__name__}")
+    kind = "parquet" if path.endswith(".parquet") else "json"
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise SystemExit(f"data: {path} could not be read as {kind}: {str(e).splitlines()[0][:300]}") from None
+    return check_rows(ds, path, prompt_field, answer_field, verifier)
+
+
+def check_rows(ds, path, prompt_field, answer_field, verifier) -> list:
+    if len(ds) == 0:
+        raise SystemExit(f"data: {path} has no rows")
+    for f in (prompt_field, answer_field):
+        if f not in ds.column_names:
+            raise SystemExit(f"data: {path} has no field {f!r}; fields: {ds.column_names}")
+    rows = []
+    for i, r in enumerate(ds):
+        p, a = r[prompt_field], r[answer_field]
+        if not isinstance(p, str) or not p.strip():
+            raise SystemExit(f"data: {path} row {i}: field {prompt_field!r} must be a non-empty string, got {p!r:.60}")
+        if a is None:
+            raise SystemExit(f"data: {path} row {i}: field {answer_field!r} is missing")
+        try:
+            a = verify.check_answer(verifier, a)
+        except ValueError as e:
+            raise SystemExit(f"data: {path} row {i}: field {answer_field!r}: {e}") from None
+        rows.append({"prompt": p, "answer": a})
+    return rows
+
+
+def encode_prompts(tokenizer, rows: list, log, suffix: str = "") -> list:
+    """Token ids of each prompt (+ suffix): through the chat template when the tokenizer has one, else as is."""
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"] + suffix}], tokenize=False,
+                                               add_generation_prompt=True) for r in rows]
+    else:
+        log("tokenizer has no chat template: prompts are used as plain text")
+        texts = [r["prompt"] + suffix for r in rows]
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def drop_long(rows, toks, cap, name, log):
+    """Skip (and count) prompts longer than the cap; all of them too long is an error."""
+    keep = [i for i, t in enumerate(toks) if len(t) <= cap]
+    if not keep:
+        raise SystemExit(f"data: every prompt of {name} is longer than max_prompt_tokens={cap} "
+                         f"(shortest: {min(map(len, toks))} tokens)")
+    if len(keep) < len(rows):
+        log(f"{name}: skipped {len(rows) - len(keep)} of {len(rows)} prompts longer than max_prompt_tokens={cap}")
+    return [rows[i] for i in keep], [toks[i] for i in keep]
+
+
+def prompt_embedding_cache(cfg, pad_id, train_toks, eval_toks, dtype, device, rank, world):
+    """e(x) for the training and held-out prompts, from the initial model: computed once (sharded over
+    ranks, gathered), cached in <out_dir>/prompt_emb.pt with a key of everything that determines it."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(cfg.out_dir, "prompt_emb.pt")
+    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data,
+           "n_train": len(train_toks), "n_eval": len(eval_toks)}
+    emb = torch.load(path) if os.path.exists(path) else None
+    if emb is None or emb.get("key") != key:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        all_toks = train_toks + eval_toks
+        mine = list(range(rank, len(all_toks), world))
+        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], pad_id, cfg.eval_batch, device, cfg.logz_features)
+        parts = [(i, e) for i, e in gather((mine, part), world) if len(i)]
+        emb_all = torch.zeros(len(all_toks), parts[0][1].size(1))
+        for i, e in parts:
+            emb_all[i] = e
+        emb = {"key": key, "train": emb_all[:len(train_toks)], "eval": emb_all[len(train_toks):]}
+        if rank == 0:
+            torch.save(emb, path + ".tmp")
+            os.replace(path + ".tmp", path)
+    return emb["train"], emb["eval"]

@@ -1,0 +1,122 @@
+"""Data parallelism written by hand: what DDP does, in one file you can read.
+
+- setup_distributed: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; gloo on CPU, nccl on GPU, with a
+  finite timeout so a dead rank stops the others instead of hanging them forever.
+- Every rank holds the same weights (same files, same seed). Prompts are sharded after selection;
+  each rank's loss is its share of the global-batch mean (local sum / global count).
+- sync_grads: one flat all-reduce sums the gradients, so every rank applies the update of the global
+  batch. all_sum / gather reduce every logged metric over all ranks, never rank 0's alone.
+- check_ranks_agree: a checksum of the parameters at every checkpoint; ranks that drifted apart stop
+  the run. shard_model: FSDP2 (ZeRO-3 style) for models too large to replicate.
+- teardown: every rank waits for the others, then the process group is destroyed before exit.
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(cfg):
+    """(rank, world, device). torchrun sets WORLD_SIZE; otherwise one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() and world == 1 else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # share the cores between the ranks of this machine
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return rank, world, device
+
+
+def print0(*a, rank=0):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+def gather(obj, world):
+    """Every rank's `obj`, as a list in rank order (one all-gather)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(x: float, world, device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def sync_grads(params, world):
+    """Sum gradients over ranks in one flat all-reduce. Each rank's loss is its share of the global
+    mean (local sum / global count), so the sum is exactly the gradient of the global-batch loss.
+    Sharded (FSDP) gradients arrive already reduced, averaged over ranks: they are scaled to the sum."""
+    if world == 1:
+        return
+    for p in params:
+        if is_sharded(p) and p.grad is not None:
+            p.grad.mul_(world)
+    params = [p for p in params if not is_sharded(p)]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).clone()
+        i += g.numel()
+
+
+def is_sharded(p) -> bool:
+    return hasattr(p, "full_tensor")  # a DTensor: a parameter sharded by FSDP2
+
+
+def shard_model(lm, world, device):
+    """FSDP2: each decoder block, then the whole model, sharded over all ranks (ZeRO-3 style).
+    FSDP reduce-scatters the gradients of sharded weights itself; sync_grads handles the rest (Z_φ)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    blocks = next(m for m in lm.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == lm.config.num_hidden_layers)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(lm, mesh=mesh)
+    lm.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum; FSDP then averages
+    return lm
+
+
+def param_checksum(params) -> float:
+    full = [p.full_tensor() if is_sharded(p) else p for p in params]  # all-gathers sharded weights
+    return float(sum(p.detach().double().pow(2).sum() + p.detach().double().sum() for p in full))
+
+
+def check_ranks_agree(params, world):
+    """Raise if the ranks' parameters have drifted apart (they must be bitwise equal)."""
+    c = param_checksum(params)
+    if world > 1:
+        cs = gather(c, world)
+        if len(set(cs)) > 1:
+            raise RuntimeError(f"ranks disagree on parameters: checksums {cs}")
+    return c
+
+
+def teardown(world):
+    """Leave the process group together: wait for every rank, then destroy it (before interpreter exit)."""
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
