@@ -47,7 +47,7 @@ class Bench:
     response_len: int = 6  # tokens per response (no early EOS)
     rollout_batch: int = 0  # prompts per generation call; 0 = all
     micro_batch: int = 0  # samples per forward/backward; 0 = all
-    pool_size: int = 4096  # candidates scored by Z_φ per step
+    pool_size: int = 64  # candidates scored by Z_φ per step (the testbed's pool_size; 0 in train.py = all 4,000)
     steps: int = 3  # timed steps (after one warm-up step)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     grad_ckpt: bool = False  # gradient checkpointing in the update

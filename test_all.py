@@ -737,6 +737,51 @@ def test_corrupt_checkpoint_is_named_and_skipped(small_testbed, full_run, tmp_pa
     assert "manifest.json is missing or unreadable" in capsys.readouterr().out
 
 
+def test_checkpoint_of_another_format_is_refused_with_the_reason(tmp_path):
+    ck = tmp_path / "ckpt_000002"
+    ck.mkdir()
+    base = {"step": 2, "rollouts": 32, "skipped_updates": 0, "pool": {}, "replay": {}, "replay_rng": {}, "opt": {}, "logz": None}
+    torch.save(base, ck / "state.pt")  # written before the format was recorded: format 1, read as is
+    assert checkpoint.load_state(str(ck))["step"] == 2
+    torch.save({**base, "format": 99}, ck / "state.pt")
+    with pytest.raises(SystemExit, match="has format 99; this code reads format 1"):
+        checkpoint.load_state(str(ck))
+    torch.save({"step": 2, "format": 1}, ck / "state.pt")
+    with pytest.raises(SystemExit, match="lacks .*'opt'"):
+        checkpoint.load_state(str(ck))
+
+
+def test_imports_form_a_tree():
+    """No import circle; eval.py and bench.py import leaves only; the algorithm files import nothing of ours."""
+    import ast
+
+    mods = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py"}
+    deps = {}
+    for m in mods:
+        names = set()
+        for n in ast.walk(ast.parse(open(os.path.join(HERE, m + ".py")).read())):
+            if isinstance(n, ast.Import):
+                names |= {a.name.split(".")[0] for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                names.add(n.module.split(".")[0])
+        deps[m] = names & mods - {m}
+    assert "train" not in deps["eval"] | deps["bench"]
+    assert all(not deps[m] for m in ("paced_rl", "tb_loss", "scheduler", "replay"))
+    done, path = set(), []
+
+    def visit(m):
+        assert m not in path, f"import circle: {' -> '.join(path[path.index(m):] + [m])}"
+        if m not in done:
+            path.append(m)
+            for d in sorted(deps[m]):
+                visit(d)
+            path.pop()
+            done.add(m)
+
+    for m in sorted(mods):
+        visit(m)
+
+
 def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path, monkeypatch):
     real = tb_loss.paced_tb_loss
     calls = [0]
@@ -865,6 +910,29 @@ def test_math_reward_malformed_and_hanging_input():
     assert r == [0.0, 1.0] and err == 1  # counted, and the worker was replaced for the next call
     assert __import__("time").time() - t0 < 30
     worker.close()
+
+
+HOSTILE = ["\\boxed{2^{2^{2^{2^{2^{2^{99}}}}}}}", "\\boxed{" + "(" * 5000, "", "\x00\x01\\boxed{}}}{{{", "9" * 100_000]
+
+
+def test_reward_functions_are_total(monkeypatch):
+    """Every public reward function, called on its own as TRL or verl would call it, returns a number in
+    [0, 1] for any string within its time limit and never raises; `score` still counts the faults."""
+    monkeypatch.setattr(verify._math_worker, "timeout_s", 1.0)
+    calls = [(verify.math_reward, "1"), (verify.testbed_reward, "1"), (verify.code_reward, [{"input": "", "output": "1"}]),
+             (verify.code_reward, "not json"), (verify.testbed_reward, None)]
+    for fn, answer in calls:
+        for resp in HOSTILE + [fenced("print(1)"), "\\boxed{1}", "1"]:
+            r = fn(resp, answer)
+            assert isinstance(r, float) and 0.0 <= r <= 1.0, (fn.__name__, resp[:40], answer)
+    assert verify.math_reward("so \\boxed{\\frac{2}{4}}", "1/2") == 1.0  # total, and still right
+    assert verify.code_reward(fenced("print(1)"), [{"input": "", "output": "1"}], limits=FAST) == 1.0
+    with pytest.raises(TimeoutError):  # the raising form, for callers that want the fault itself
+        verify.math_reward.strict(HOSTILE[0], "1")
+    r, err = verify.score(verify.math_reward, [HOSTILE[0], "\\boxed{1}"], ["1", "1"])
+    assert r == [0.0, 1.0] and err == 1
+    r, err = verify.score(verify.code_reward, [fenced("print(1)")], ["not json"])
+    assert r == [0.0] and err == 1
 
 
 # ----------------------------------------------------------------------------- scale: micro-batches

@@ -1,8 +1,11 @@
 """Verifiers: response text + reference answer -> reward in [0, 1].
 
-A verifier is a plain function `fn(response: str, answer) -> float`. `score` wraps any of them so that
-training never stops on a verifier fault: an exception, or a result that is not a finite number in
-[0, 1], counts as reward 0 and is counted (the `verifier_errors` metric of train.py).
+A verifier is a plain function `fn(response: str, answer) -> float`. The public reward functions
+below are total: for any string they return a number in [0, 1] within their time limit and never
+raise, so TRL, verl or any other caller can use them as they are. A fault (an exception, a timeout,
+a result that is not a finite number in [0, 1]) gives reward 0. Their raising form is `fn.strict`;
+`score` calls it to count the faults (the `verifier_errors` metric of train.py), and wraps any other
+function the same way.
 
 - `testbed_reward`: the bundled task (testbed.py): exact match of the reversed digits of a+b.
 - `math_reward`: math answers by math-verify (boxed answer first), in a worker process with a timeout.
@@ -24,6 +27,7 @@ switch are skipped: the limits (RLIMIT_NPROC then allows `nproc` processes beyon
 count), the timeout and the process-group kill remain, and the README says what that leaves open.
 """
 
+import functools
 import json
 import math
 import os
@@ -39,6 +43,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 
+def _checked(fn, *args, **kwargs):
+    """(fn's reward, 0) or, where fn raises or returns anything but a finite number in [0, 1], (0.0, 1)."""
+    try:
+        r = float(fn(*args, **kwargs))
+        if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+            raise ValueError(f"reward {r} outside [0, 1]")
+        return r, 0
+    except Exception:  # a broken verifier must not stop a days-long run: reward 0, counted by score
+        return 0.0, 1
+
+
+def total(strict):
+    """A reward function that never raises, from one that may: `strict`'s reward, or 0.0 on a fault.
+    The raising form stays reachable as `.strict`, for callers that count faults (score)."""
+    @functools.wraps(strict)
+    def reward(*args, **kwargs):
+        return _checked(strict, *args, **kwargs)[0]
+    reward.strict = strict
+    return reward
+
+
+@total
 def testbed_reward(response: str, answer) -> float:
     """1.0 iff the response, stripped of whitespace, equals the answer string."""
     return float(response.strip() == str(answer).strip())
@@ -223,6 +249,7 @@ def parse_tests(tests) -> list:
     return tests
 
 
+@total
 def code_reward(response: str, tests, all_or_nothing: bool = False, limits: SandboxLimits = SandboxLimits()) -> float:
     """Fraction of tests passed by the response's last fenced Python block (0 without one).
     all_or_nothing: 1.0 only if every test passes (stops at the first failure)."""
@@ -332,10 +359,11 @@ class TimeoutWorker:
 _math_worker = TimeoutWorker()
 
 
+@total
 def math_reward(response: str, answer) -> float:
     """1.0 iff the response's final answer (the last \\boxed{} if any, else the whole text) is
-    mathematically equal to the reference, by math-verify. Timeouts and failures raise, and `score`
-    turns them into reward 0, counted in `verifier_errors`."""
+    mathematically equal to the reference, by math-verify. A timeout (5 s) or a failure of math-verify
+    gives 0 (math_reward.strict raises them instead)."""
     return _math_worker(response, str(answer))
 
 
@@ -361,22 +389,13 @@ def get_verifier(name: str):
     return VERIFIERS[name]
 
 
-def _safe(fn, resp, ans):
-    try:
-        r = float(fn(resp, ans))
-        if not (math.isfinite(r) and 0.0 <= r <= 1.0):
-            raise ValueError(f"reward {r} outside [0, 1]")
-        return r, 0
-    except Exception:  # a broken verifier must not stop a days-long run: reward 0, counted
-        return 0.0, 1
-
-
 def score(fn, responses: list, answers: list, workers: int = 1):
     """Rewards for paired responses and answers, and how many verifier calls failed.
     workers > 1 verifies that many responses at once (threads: the code verifier waits on processes)."""
+    fn = getattr(fn, "strict", fn)  # a total reward function hides its faults: count them
     if workers > 1 and len(responses) > 1:
         with ThreadPoolExecutor(workers) as ex:
-            res = list(ex.map(lambda ra: _safe(fn, *ra), zip(responses, answers)))
+            res = list(ex.map(lambda ra: _checked(fn, *ra), zip(responses, answers)))
     else:
-        res = [_safe(fn, r, a) for r, a in zip(responses, answers)]
+        res = [_checked(fn, r, a) for r, a in zip(responses, answers)]
     return [r for r, _ in res], sum(e for _, e in res)
