@@ -935,6 +935,64 @@ def test_reward_functions_are_total(monkeypatch):
     assert r == [0.0] and err == 1
 
 
+def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
+    """Every possible response of up to L tokens, teacher-forced, decoded and verified as the loop does:
+    the accepted ones' total probability is exact_accuracy. The random tiny model puts mass on <pad> and
+    <unk> inside responses, which decoding drops, and on responses cut at the length cap."""
+    import itertools
+
+    import exact
+
+    lm, tok = tiny
+    V, L, eos, T = len(tok), 3, tok.eos_token_id, 1.3
+    prompts = [tok("1+2=").input_ids, tok("45+6=").input_ids, tok("7+0=").input_ids]
+    answers = ["3", "15", "07"]
+    resps = [list(t) for k in range(1, L + 1) for t in itertools.product(range(V), repeat=k)
+             if eos not in t[:-1] and (t[-1] == eos or k == L)]
+    want = []
+    for p, a in zip(prompts, answers):
+        pid, pm = paced_rl.left_pad([p] * len(resps), tok.pad_token_id)
+        resp, rm = paced_rl.right_pad(resps, tok.pad_token_id)
+        rm = rm * paced_rl.response_mask(resp, eos)
+        with torch.no_grad():
+            logp = paced_rl.token_logprobs(lm, pid, pm, resp, rm, T).sum(-1).double()
+        texts = tok.batch_decode(resp * rm + tok.pad_token_id * (1 - rm), skip_special_tokens=True)
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # every response, once
+        want.append(sum(float(lp.exp()) for lp, t in zip(logp, texts) if verify.testbed_reward(t, a) == 1.0))
+    acc, dropped = exact.exact_accuracy(lm, tok, prompts, answers, L, T, "cpu", prune=0.0)
+    assert acc == pytest.approx(want, rel=1e-5) and not dropped.any()
+    for p, a, w in zip(prompts, answers, want):  # the answer's tokens + EOS alone miss the other accepted strings
+        resp = torch.tensor([tok(a).input_ids + [eos]])
+        naive = paced_rl.token_logprobs(lm, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), resp,
+                                        torch.ones_like(resp), T).sum().exp().item()
+        assert 0 < naive < w
+    acc2, dropped2 = exact.exact_accuracy(lm, tok, prompts, answers, L, T, "cpu", prune=1e-3)
+    assert np.all(acc2 <= acc + 1e-12) and np.all(acc <= acc2 + dropped2 + 1e-12)  # pruning: a stated bound
+    with pytest.raises(ValueError, match="temperature"):
+        exact.exact_accuracy(lm, tok, prompts, answers, L, 0.0, "cpu")
+
+
+def test_exact_accuracy_agrees_with_monte_carlo(small_testbed):
+    """4 held-out prompts of the warm-started testbed, 3,000 sampled responses each through the loop's own
+    rollout and verifier: the sampled accuracy lies within 4.5 binomial standard errors of the exact one."""
+    import exact
+    import rollout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f"{small_testbed}/model")
+    lm = AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").eval()
+    rows = data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
+    rows = sorted(rows, key=lambda r: len(r["prompt"]))[:4]  # the shortest sums: the highest accuracies
+    toks = [tok(r["prompt"]).input_ids for r in rows]
+    acc, dropped = exact.exact_accuracy(lm, tok, toks, [r["answer"] for r in rows], 6, 1.0, "cpu")
+    N = 3000
+    texts = rollout.rollout(lm, tok, toks, [11, 12, 13, 14], config.Config(group_size=N), "cpu", 1.0)[-1]
+    mc = np.array(verify.score(verify.testbed_reward, texts, [r["answer"] for r in rows for _ in range(N)])[0]).reshape(4, N).mean(1)
+    se = np.sqrt(acc * (1 - acc) / N)
+    assert acc.max() > 0.01 and dropped.max() < 1e-4
+    assert np.all(np.abs(mc - acc) <= 4.5 * se + dropped), (mc, acc, se)
+
+
 # ----------------------------------------------------------------------------- scale: micro-batches
 
 
