@@ -62,9 +62,16 @@ class Config:
     # --- PACED-RL
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
     tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
-    select: str = "paced"  # paced: B candidates nearest τ | uniform: the first B of the pool (baseline)
+    select: str = "paced"  # the predictor that picks B of the pool near τ: paced (β·log Z_φ) | uniform | history | regress | hybrid | oracle (selection.py)
     explore_frac: float = 0.5  # share of the B prompts drawn uniformly from the rest of the pool (ours; 0 = paper)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
+    history_forget: float = 1.0  # history / hybrid: λ, old evidence discounted per observation (MoPPS recipe default: 1, none)
+    history_prior_a: float = 1.0  # history: Beta prior α₀ of a prompt never rolled out (MoPPS: 1)
+    history_prior_b: float = 1.0  # history: Beta prior β₀ (MoPPS: 1)
+    history_draw: str = "thompson"  # history / hybrid rank by: thompson (one posterior draw, MoPPS) | mean
+    hybrid_n0: float = 8.0  # hybrid: pseudo-counts of Z_φ's prior (8 = one group's worth of evidence)
+    regress_lr: float = 1e-2  # regress: Adam learning rate of the accuracy regressor (as logz_lr)
+    exact_metrics: str = "auto"  # exact accuracies (exact.py) in evaluation and selection metrics: auto (testbed verifier) | on | off
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
     logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
@@ -168,7 +175,8 @@ def make_config(overrides: dict) -> Config:
 
 def check_config(cfg: Config):
     choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
-               "select": ("paced", "uniform"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
+               "select": ("paced", "uniform", "history", "regress", "hybrid", "oracle"),
+               "history_draw": ("thompson", "mean"), "exact_metrics": ("auto", "on", "off"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
                "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
                "logz_features": ("mean", "mean_last"), "attn_impl": ("sdpa", "flash_attention_2", "eager")}
     for k, allowed in choices.items():
@@ -185,15 +193,25 @@ def check_config(cfg: Config):
     for k in ("adv_eps", "clip_eps", "kl_coef", "flowrl_reward_mult", "flowrl_is_clip"):
         if getattr(cfg, k) < 0:
             raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
-    if cfg.algo != "paced" and (cfg.select != "uniform" or cfg.replay != "off"):
-        raise SystemExit(f"config: algo={cfg.algo} samples uniformly without replay (the baseline as published); got "
+    if cfg.algo == "flowrl" and (cfg.select != "uniform" or cfg.replay != "off"):
+        raise SystemExit(f"config: algo=flowrl samples uniformly without replay (the baseline as published); got "
                          f"select={cfg.select}, replay={cfg.replay}: those are PACED-RL's switches")
+    if cfg.algo == "grpo" and (cfg.select not in ("uniform", "oracle", "history", "regress") or cfg.replay != "off"):
+        raise SystemExit(f"config: algo=grpo takes select=uniform | oracle | history | regress and no replay; got "
+                         f"select={cfg.select}, replay={cfg.replay} (paced and hybrid read Z_φ, which only the TB loss trains)")
+    if cfg.select == "oracle" and (cfg.verifier != "testbed" or cfg.exact_metrics == "off"):
+        raise SystemExit("config: select=oracle needs exact accuracies, which only the testbed's exact-match verifier "
+                         f"has (got verifier={cfg.verifier}, exact_metrics={cfg.exact_metrics})")
+    if cfg.exact_metrics == "on" and cfg.verifier != "testbed":
+        raise SystemExit(f"config: exact_metrics=on needs the testbed verifier (exact match); got verifier={cfg.verifier}")
+    if not 0 < cfg.history_forget <= 1 or min(cfg.history_prior_a, cfg.history_prior_b, cfg.hybrid_n0) <= 0:
+        raise SystemExit("config: history_forget must be in (0, 1] and history_prior_a, history_prior_b, hybrid_n0 > 0")
     if cfg.updates_per_batch > cfg.prompts_per_step:
         raise SystemExit(f"config: updates_per_batch={cfg.updates_per_batch} exceeds prompts_per_step={cfg.prompts_per_step}")
     for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds", "updates_per_batch"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
-    if cfg.select == "paced" and 0 < cfg.pool_size < cfg.prompts_per_step:
+    if cfg.select != "uniform" and 0 < cfg.pool_size < cfg.prompts_per_step:
         raise SystemExit(f"config: pool_size={cfg.pool_size} is smaller than prompts_per_step={cfg.prompts_per_step}")
     if cfg.fsdp and cfg.logit_chunk > 0:
         raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "

@@ -141,9 +141,11 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
     return (acc, np.array([d for _, _, d in recs])) if distinct else acc
 
 
-def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device, rank, world, final_path=None) -> dict:
+def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device, rank, world, final_path=None,
+                    exact_fn=None) -> dict:
     """Held-out accuracy over eval_samples samples per prompt, pass@k, and (PACED-RL, emb = e(x) of the
-    held-out prompts) the calibration of p̂. final_path: also write the per-prompt values there (JSON,
+    held-out prompts) the calibration of p̂. exact_fn() -> (exact accuracies, pruned mass) on the testbed:
+    their mean, its error bound, and p̂'s correlation with them. final_path: also write the per-prompt values there (JSON,
     atomically), which eval.py --compare plots."""
     n = cfg.eval_samples
     acc = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, n, cfg.temperature)
@@ -153,9 +155,14 @@ def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device
         with torch.no_grad():
             p_hat = (cfg.beta * policy.logz(emb.to(device))).cpu().numpy()
         out.update({"eval_" + k: v for k, v in calibration(p_hat, acc).items()})
+    exact, gap = exact_fn() if exact_fn is not None else (None, None)
+    if exact is not None:  # the exact accuracy lies in [eval_acc_exact, eval_acc_exact + eval_acc_exact_gap]
+        out.update({"eval_acc_exact": float(exact.mean()), "eval_acc_exact_gap": float(gap.mean())})
+        out["eval_acc_est_corr_exact"] = pearson(p_hat, exact) if p_hat is not None else None
     if final_path and rank == 0:
         with open(final_path + ".tmp", "w") as f:
-            json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()}, f)
+            json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist(),
+                       "acc_exact": None if exact is None else exact.tolist()}, f)
         os.replace(final_path + ".tmp", final_path)
     return out
 

@@ -23,22 +23,18 @@ import torch
 import paced_rl
 
 
-def accepted_next(tokenizer, answer_ids: list, matched: int):
-    """Tokens that keep a prefix acceptable after `matched` answer tokens: the next answer token (if
-    any) and the special tokens that decoding drops (not EOS, which ends the response)."""
-    skip = [t for t in tokenizer.all_special_ids if t != tokenizer.eos_token_id]
-    return ([answer_ids[matched]] if matched < len(answer_ids) else []) + skip
 
 
 @torch.no_grad()
 def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_tokens: int, temperature: float,
-                   device, batch_size: int = 256, prune: float = 1e-7):
+                   device, batch_size: int = 256, prune: float = 1e-4):
     """(acc, dropped): per prompt, the exact probability that one response sampled at `temperature` is
     accepted by verify.testbed_reward, and the probability mass of pruned branches (an upper bound on
     the error). answers: the reference strings; each must tokenize to one token per character."""
     if temperature <= 0:
         raise ValueError("exact_accuracy: needs a sampling temperature > 0 (greedy decoding is deterministic)")
     eos = tokenizer.eos_token_id
+    skip = [t for t in tokenizer.all_special_ids if t != eos]  # dropped by decoding wherever they stand
     ans_ids = []
     for a in answers:
         ids = tokenizer(str(a).strip(), add_special_tokens=False).input_ids
@@ -58,7 +54,7 @@ def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_toke
                 n = len(ans_ids[i])
                 if m == n:  # the whole answer: EOS ends an accepted response
                     acc[i] += np.exp(lp + row[eos])
-                for t in accepted_next(tokenizer, ans_ids[i], m):
+                for t in ([ans_ids[i][m]] if m < n else []) + skip:  # the tokens that keep it acceptable
                     p, m2 = lp + row[t], m + (m < n and t == ans_ids[i][m])
                     if depth + 1 == max_new_tokens:  # the length cap: decoded as it stands
                         acc[i] += np.exp(p) if m2 == n else 0.0

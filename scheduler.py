@@ -71,10 +71,14 @@ def choose_prompts(pool: PromptPool, p_hat_fn, k: int, tau: float, mode: str, n_
         return cand[:k]
     if mode != "paced":
         raise ValueError(f"select mode must be 'paced' or 'uniform', got {mode!r}")
-    order = select(p_hat_fn(cand), len(cand), tau)  # every candidate, nearest to τ first
-    greedy = order[:k - n_explore]
-    rest = np.sort(order[k - n_explore:])[:n_explore]
-    return cand[np.concatenate([greedy, rest])]
+    return cand[pick(p_hat_fn(cand), k, tau, n_explore)]
+
+
+def pick(scores, k: int, tau: float, n_explore: int = 0) -> np.ndarray:
+    """Positions of the k candidates to keep: the k − n_explore whose score is nearest τ, then the first
+    n_explore (in pool order) of those the greedy rule passed over."""
+    order = select(scores, len(scores), tau)  # every candidate, nearest to τ first
+    return np.concatenate([order[:k - n_explore], np.sort(order[k - n_explore:])[:n_explore]])
 
 
 def keep_informative(rewards) -> np.ndarray:
@@ -84,3 +88,64 @@ def keep_informative(rewards) -> np.ndarray:
     if r.ndim != 2:
         raise ValueError(f"keep_informative: rewards must be (groups, G), got shape {r.shape}")
     return r.max(1) > r.min(1)
+
+
+# ----------------------------------------------------------------------------- the competing predictors
+
+
+class History:
+    """Each prompt's own record of successes and failures, discounted: MoPPS's predictor (Qu et al.,
+    arXiv 2507.04632), with no model of the prompt's text.
+
+    After a prompt's group of G rollouts with s successes and f failures, its evidence becomes
+    (λ·s_old + s, λ·f_old + f): older evidence is discounted by λ per observation (λ = 1 keeps all of
+    it). The posterior is Beta(α₀ + s, β₀ + f); with λ < 1 this equals MoPPS's update α ← λα + (1 − λ)α₀ + s.
+    A prompt never rolled out sits at the prior. `hybrid` passes a per-prompt prior instead: mean p̂
+    from Z_φ with n₀ pseudo-counts, so the embedding speaks for unseen prompts and the history for the
+    rest."""
+
+    def __init__(self, n: int, forget: float = 1.0):
+        if not 0 < forget <= 1:
+            raise ValueError(f"History: the forgetting factor must be in (0, 1], got {forget}")
+        self.forget = forget
+        self.s, self.f = np.zeros(n), np.zeros(n)
+
+    def update(self, idx, successes, failures):
+        idx = np.asarray(idx, dtype=np.int64)
+        self.s[idx] = self.forget * self.s[idx] + np.asarray(successes, dtype=np.float64)
+        self.f[idx] = self.forget * self.f[idx] + np.asarray(failures, dtype=np.float64)
+
+    def posterior(self, idx, prior_a, prior_b):
+        """(α, β) of the given prompts; prior_a, prior_b: scalars or one value per prompt."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return prior_a + self.s[idx], prior_b + self.f[idx]
+
+    def mean(self, idx, prior_a, prior_b) -> np.ndarray:
+        a, b = self.posterior(idx, prior_a, prior_b)
+        return a / (a + b)
+
+    def draw(self, idx, prior_a, prior_b, rng: np.random.Generator) -> np.ndarray:
+        """One Thompson sample per prompt from its posterior."""
+        a, b = self.posterior(idx, prior_a, prior_b)
+        return rng.beta(a, b)
+
+    def state_dict(self):
+        return {"forget": self.forget, "s": self.s.copy(), "f": self.f.copy()}
+
+    def load_state_dict(self, st):
+        if st["s"].shape != self.s.shape:
+            raise ValueError(f"History: the saved state covers {st['s'].size} prompts, this data set has {self.s.size}")
+        self.forget, self.s, self.f = st["forget"], st["s"].copy(), st["f"].copy()
+
+
+def hybrid_prior(p_hat, n0: float):
+    """Beta prior with mean p̂ (clipped into (0, 1)) and n₀ pseudo-counts: (n₀·p̂, n₀·(1 − p̂))."""
+    p = np.clip(np.asarray(p_hat, dtype=np.float64), 1e-3, 1 - 1e-3)
+    return n0 * p, n0 * (1 - p)
+
+
+def all_equal_share(acc, group_size: int) -> float:
+    """Expected share of groups of G samples whose rewards are all equal, for prompts of accuracy acc:
+    mean of a^G + (1 − a)^G. Such a group gives GRPO no gradient."""
+    a = np.asarray(acc, dtype=np.float64)
+    return float(np.mean(a ** group_size + (1 - a) ** group_size)) if a.size else float("nan")

@@ -518,17 +518,33 @@ def one_and_two_processes(tmp_path, args):
     return read_metrics(one), read_metrics(two), p.stderr
 
 
+DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
+
+
+def first_flip(a, b):
+    """The first step at which the 1- and 2-process runs sampled different responses (a discrete metric
+    differs), or None: before it both runs hold the same samples, after it they are two different runs."""
+    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
+
+
 def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
+    """What 1 vs 2 processes guarantee (README, Distributed training): the ranks agree bitwise; the same
+    prompts are selected and each prompt's sampling noise is the same, so the runs draw the same responses
+    until a sampled token flips; until then every discrete metric is equal and the loss agrees to 1e-5
+    relative (summation order differs: batches of another shape change logits in the last float bits).
+    A flip needs a sampling draw within float rounding of a token boundary: at step 0, from identical
+    weights, it does not happen; later it does, after tens of steps on the default testbed."""
     a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=4, eval_every=2))
-    # train.py raises if the ranks' parameters (θ and φ) differ at a checkpoint or at the end
-    assert "ranks disagree" not in stderr
+    assert "ranks disagree" not in stderr  # train.py raises if the ranks' θ and φ differ at a checkpoint or the end
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    # Sampling is seeded per prompt, so both runs draw the same responses; batches of a different
-    # shape change logits in the last float bits only. Tolerance: 1e-3 relative on every metric.
+    flip = first_flip(a, b)
+    assert flip != 0
     for ra, rb in zip(a, b):
-        for k in ("reward_mean", "loss", "acc_est_abs_err", "zero_var_frac", "resp_len", "eval_acc", "param_checksum"):
-            if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+        if flip is not None and ra["step"] >= flip:
+            break
+        for k in ("loss", "acc_est_abs_err", "p_hat_mean", "param_checksum") + (("eval_acc",) if ra["step"] == 0 else ()):
+            if ra.get(k) is not None:  # later evaluations sample from weights that differ in the last bits
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
 def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
@@ -536,12 +552,14 @@ def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
     must not depend on the number of ranks."""
     a, b, _ = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
                                                        dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4))
-    assert [r["rollouts"] for r in a] == [r["rollouts"] for r in b]
+    flip = first_flip(a, b)
+    assert flip != 0
+    steps = [(ra, rb) for ra, rb in zip(a, b) if flip is None or ra["step"] < flip]
     assert any(r2["rollouts"] - r1["rollouts"] > 8 * 8 for r1, r2 in zip(a, a[1:]))  # extra rounds happened
-    for ra, rb in zip(a, b):
-        for k in ("reward_mean", "loss", "zero_var_frac", "train_prompts", "resp_len", "eval_acc", "param_checksum"):
+    for ra, rb in steps:
+        for k in ("reward_mean", "loss", "zero_var_frac", "train_prompts", "resp_len", "param_checksum"):
             if ra.get(k) is not None:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
 # ----------------------------------------------------------------------------- code verifier and its sandbox
@@ -1124,8 +1142,10 @@ def test_each_algo_trains_end_to_end(algo_runs, small_testbed, name):
 
 
 def test_baseline_config_conflicts_are_named():
-    with pytest.raises(SystemExit, match="algo=grpo samples uniformly without replay"):
+    with pytest.raises(SystemExit, match="algo=grpo takes select=uniform | oracle | history | regress and no replay"):
         config.make_config(config.parse_args(["--algo=grpo", "--select=paced"]))
+    with pytest.raises(SystemExit, match="algo=flowrl samples uniformly without replay"):
+        config.make_config(config.parse_args(["--algo=flowrl", "--select=history"]))
     with pytest.raises(SystemExit, match="algo"):
         config.check_config(config.Config(algo="ppo"))
     cfg = config.make_config(config.parse_args(["--algo=flowrl"]))
@@ -1143,6 +1163,86 @@ def test_baselines_resume_exactly(small_testbed, tmp_path, algo):
     assert len(a) == len(b) == 5
     for ra, rb in zip(a, b):
         assert untimed(ra) == untimed(rb)
+
+
+def test_history_beta_update_and_forgetting_by_hand():
+    h = scheduler.History(4, forget=0.5)
+    h.update([1, 3], [6, 0], [2, 8])
+    h.update([1], [1], [7])  # prompt 1: s = 0.5·6 + 1 = 4, f = 0.5·2 + 7 = 8
+    a, b = h.posterior([0, 1, 3], 1.0, 1.0)
+    assert list(a) == [1.0, 5.0, 1.0] and list(b) == [1.0, 9.0, 9.0]  # prompt 0 unseen: the prior
+    assert h.mean([1], 1.0, 1.0)[0] == pytest.approx(5 / 14)
+    # MoPPS's form α ← λα + (1 − λ)α₀ + s gives the same posterior
+    alpha = 1.0
+    for s_ in (6, 1):
+        alpha = 0.5 * alpha + 0.5 * 1.0 + s_
+    assert alpha == pytest.approx(5.0)
+    a0, b0 = scheduler.hybrid_prior([0.25, 0.0], 8.0)  # Z_φ's p̂ as the prior mean, n₀ pseudo-counts
+    assert a0[0] == pytest.approx(2.0) and b0[0] == pytest.approx(6.0) and 0 < a0[1] < 0.01
+    d1 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
+    d2 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
+    assert np.array_equal(d1, d2) and np.all((d1 > 0) & (d1 < 1))  # reproducible by seed
+    st = h.state_dict()
+    h2 = scheduler.History(4)
+    h2.load_state_dict(st)
+    assert np.array_equal(h2.s, h.s) and h2.forget == 0.5
+    with pytest.raises(ValueError, match="covers 4 prompts"):
+        scheduler.History(5).load_state_dict(st)
+    assert scheduler.all_equal_share([0.0, 0.5, 1.0], 2) == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_oracle_picks_the_true_nearest_prompts_on_a_hand_made_pool():
+    import selection
+
+    exact = np.array([0.0, 0.9, 0.45, 1.0, 0.6, 0.1, 0.52, 0.3])  # the true accuracy of each training prompt
+    cfg = config.Config(select="oracle", prompts_per_step=3, pool_size=8, explore_frac=0.5)
+    sel = selection.Selector(cfg, 8, None, lambda idx: exact[np.asarray(idx)], np.random.default_rng(0))
+    pool = scheduler.PromptPool(8, 8, seed=0)
+    chosen, cand = sel.choose(pool, None)
+    assert sorted(chosen.tolist()) == [2, 4, 6]  # |a − 0.5| smallest: 0.52, 0.45, 0.6; no exploration slot
+    q = sel.quality(cand, chosen, None)
+    assert q["sel_equal_share"] == pytest.approx(scheduler.all_equal_share(exact[[2, 4, 6]], 8))
+    assert q["pool_equal_share"] == pytest.approx(scheduler.all_equal_share(exact, 8)) and q["sel_pred_corr_exact"] == 1.0
+    calls = []
+    sel.exact_fn = lambda idx: calls.append(1) or exact[np.asarray(idx)]
+    sel.pop_exact_seconds()
+    c2, cand2 = sel.choose(pool, None)
+    sel.quality(cand2, c2, None)
+    assert len(calls) == 1  # the oracle and the quality metrics share one exact computation per pool
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--algo=grpo", "--select=hybrid"], "algo=grpo takes select=uniform"),
+    (["--algo=flowrl", "--select=oracle"], "algo=flowrl samples uniformly"),
+    (["--select=oracle", "--verifier=math"], "select=oracle needs exact accuracies"),
+    (["--select=oracle", "--exact_metrics=off"], "select=oracle needs exact accuracies"),
+    (["--exact_metrics=on", "--verifier=code"], "exact_metrics=on needs the testbed verifier"),
+    (["--select=history", "--history_forget=0"], "history_forget must be in"),
+    (["--select=bandit"], "select='bandit'"),
+])
+def test_refused_selector_combinations(args, msg):
+    with pytest.raises(SystemExit, match=msg):
+        config.make_config(config.parse_args(args))
+
+
+@pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8"}, {"select": "regress"},
+                                {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
+def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, **kw))
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, **kw))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert [untimed(r) for r in a] == [untimed(r) for r in b]  # the selector's state resumed exactly
+    steps = [r for r in a if "loss" in r]
+    assert all(0 <= r["sel_equal_share"] <= 1 and 0 <= r["pool_equal_share"] <= 1 and r["exact_s"] >= 0 for r in steps)
+    assert all(0 <= r["eval_acc_exact"] <= 1 for r in a if "eval_acc" in r)
+    if kw["select"] == "oracle":
+        assert all(r["sel_pred_corr_exact"] in (1.0, None) for r in steps)
+        assert all(r["sel_equal_share"] <= r["pool_equal_share"] + 1e-12 for r in steps)  # the oracle's choice is never worse
+    state = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)["selector"]
+    assert (state["history"] is not None) == (kw["select"] in ("history", "hybrid"))
+    assert (state["head"] is not None) == (kw["select"] == "regress")
 
 
 def fake_run(root, name, accs, n_prompts=4, per_step=100):

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import eval as eval_lib
+import exact
 import paced_rl
 import replay as replay_lib
 import scheduler
@@ -47,6 +48,7 @@ from config import Config, check_config, make_config, parse_args
 from data import load_data, prompt_embedding_cache
 from distributed import all_sum, check_ranks_agree, gather, print0, setup_distributed, shard_model, teardown
 from rollout import Batch, dynamic_sampling, roll_and_verify, seed_of
+from selection import NEEDS_EMBEDDINGS, Selector
 from update import Update, fresh_samples, kl_sum, logprobs_nograd, optimizer_steps, replayed_samples
 
 
@@ -71,11 +73,14 @@ class Run:
     emb_train: torch.Tensor  # (N, D) e(x) of the training prompts on the device (PACED-RL), else None
     emb_eval: torch.Tensor  # (M, D) of the held-out prompts, else None
     pool: scheduler.PromptPool
+    selector: Selector  # the predictor that ranks the pool (selection.py), and its state
     buf: replay_lib.ReplayBuffer
     replay_rng: np.random.Generator
     step: int = 0
     rollouts: int = 0  # responses sampled so far (dynamic sampling: every round)
     skipped: int = 0  # optimizer steps skipped (non-finite, or nothing to train on)
+    exact_train: object = None  # idx -> exact accuracies of training prompts under the current policy (testbed), else None
+    exact_eval: object = None  # () -> (exact accuracies, pruned mass) of the held-out prompts, else None
 
 
 def setup(cfg: Config) -> Run:
@@ -113,7 +118,7 @@ def setup(cfg: Config) -> Run:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     emb_train = emb_eval = None  # frozen e(x) of the *initial* model for Z_φ: computed once, cached next to the run
-    if cfg.algo == "paced":
+    if cfg.algo == "paced" or cfg.select in NEEDS_EMBEDDINGS:
         emb_train, emb_eval = prompt_embedding_cache(cfg, tokenizer.pad_token_id, train_toks, eval_toks, dtype, device, rank, world)
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
     lm = load(os.path.join(start, "model") if start else cfg.model)  # same files on every rank: same weights
@@ -139,8 +144,12 @@ def setup(cfg: Config) -> Run:
               [r["answer"] for r in eval_rows], verify.get_verifier(cfg.verifier), policy, ref_lm,
               [p for p in policy.parameters() if p.requires_grad], torch.optim.AdamW(groups),
               emb_train.to(device) if emb_train is not None else None, emb_eval,
-              scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select == "paced" else cfg.prompts_per_step, cfg.seed),
-              replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
+              scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select != "uniform" else cfg.prompts_per_step, cfg.seed),
+              None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
+    exact_on = cfg.exact_metrics == "on" or (cfg.exact_metrics == "auto" and cfg.verifier == "testbed")
+    run.exact_train = (lambda idx: exact_of(run, [run.train_toks[j] for j in idx], [run.answers[j] for j in idx])[0]) if exact_on else None
+    run.exact_eval = (lambda: exact_of(run, run.eval_toks, run.eval_answers)) if exact_on else None
+    run.selector = Selector(cfg, len(train_rows), run.emb_train, run.exact_train, np.random.default_rng(seed_of(cfg.seed, 3)))
     if start:
         restore(run, ckpt.load_state(start))
         log(f"resumed {start} at step {run.step}")
@@ -159,12 +168,16 @@ def restore(run: Run, st: dict):
     if st.get("torch_rng"):  # dropout (FlowRL's head) draws from it; sampling has its own generators
         ckpt.set_torch_rng_state(st["torch_rng"][run.rank if len(st["torch_rng"]) == run.world else 0], run.device)
     run.step, run.rollouts, run.skipped = st["step"], st["rollouts"], st["skipped_updates"]
+    if st.get("selector") is None and run.cfg.select in ("history", "hybrid", "regress"):
+        raise SystemExit(f"resume: the checkpoint holds no state of select={run.cfg.select} (written with another selector)")
+    if st.get("selector") is not None:
+        run.selector.load_state_dict(st["selector"])
 
 
 def save(run: Run, step: int):
     ckpt.save_checkpoint(run.cfg, run.policy, run.tokenizer, run.opt, {
         "step": step, "rollouts": run.rollouts, "skipped_updates": run.skipped, "pool": run.pool.state_dict(),
-        "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state,
+        "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state, "selector": run.selector.state_dict(),
         "torch_rng": gather(ckpt.torch_rng_state(run.device), run.world)}, run.rank)
 
 
@@ -180,9 +193,18 @@ def write_metrics(run: Run, row: dict):
 
 
 def evaluate(run: Run, final: bool = False) -> dict:
-    return eval_lib.heldout_metrics(run.policy, run.tokenizer, run.eval_toks, run.eval_answers, run.verifier, run.emb_eval,
-                                    run.cfg, run.device, run.rank, run.world,
-                                    os.path.join(run.cfg.out_dir, "heldout_final.json") if final else None)
+    return eval_lib.heldout_metrics(run.policy, run.tokenizer, run.eval_toks, run.eval_answers, run.verifier,
+                                    run.emb_eval if run.cfg.algo == "paced" else None, run.cfg, run.device, run.rank,
+                                    run.world, os.path.join(run.cfg.out_dir, "heldout_final.json") if final else None,
+                                    run.exact_eval)
+
+
+def exact_of(run: Run, toks, answers):
+    """(exact accuracies, pruned mass) under the current policy (exact.py); every rank computes all (lockstep)."""
+    run.policy.eval()
+    cfg = run.cfg
+    return exact.exact_accuracy(run.policy.lm, run.tokenizer, toks, answers, cfg.max_new_tokens, cfg.temperature,
+                                run.device, cfg.eval_batch)
 
 
 @torch.no_grad()
@@ -191,11 +213,9 @@ def p_hat_of(run: Run, idx) -> np.ndarray:
     return (run.cfg.beta * run.policy.logz(run.emb_train[torch.as_tensor(idx, device=run.device)])).cpu().numpy()
 
 
-def select(run: Run) -> np.ndarray:
-    """Step 1: B prompt indices, the same on every rank (same pool RNG, same Z_φ)."""
-    cfg = run.cfg
-    return scheduler.choose_prompts(run.pool, lambda idx: p_hat_of(run, idx), cfg.prompts_per_step, cfg.tau, cfg.select,
-                                    round(cfg.explore_frac * cfg.prompts_per_step))
+def select(run: Run):
+    """Step 1: B prompt indices and the pool they came from, the same on every rank (same pool RNG, same state)."""
+    return run.selector.choose(run.pool, lambda idx: p_hat_of(run, idx))
 
 
 def roll_out(run: Run, chosen, timer: dict):
@@ -209,7 +229,7 @@ def roll_out(run: Run, chosen, timer: dict):
     reward_sum = all_sum(float(batch.reward.sum()), run.world, run.device)
     if not cfg.dynamic_sampling:
         return batch, cfg.prompts_per_step, None, reward_sum
-    batch, n_prompts, n_equal = dynamic_sampling(batch, lambda rnd: roll(select(run), rnd), run.train_toks,
+    batch, n_prompts, n_equal = dynamic_sampling(batch, lambda rnd: roll(select(run)[0], rnd), run.train_toks,
                                                  run.tokenizer.pad_token_id, cfg, run.device, run.rank, run.world, run.log, run.step)
     return batch, n_prompts, n_equal / n_prompts, reward_sum
 
@@ -251,10 +271,14 @@ def add_to_replay(run: Run, batch: Batch, acc, p_hat, logp_old):
     run.buf.add(sorted(sum(gather(cands, run.world), []), key=lambda c: (c["prompt"], c["response"])))
 
 
-def step_metrics(run: Run, batch: Batch, acc, p_hat, zero_var, reward_sum, n_train, upd: Update, kl: float, drawn, timer) -> dict:
+def gather_groups(run: Run, batch: Batch, acc, p_hat) -> list:
+    """Every rank's groups as (prompt index, observed accuracy a, p̂), in prompt order."""
+    return sorted(sum(gather([(j, float(a), float(p)) for j, a, p in zip(batch.idx, acc, p_hat)], run.world), []))
+
+
+def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, upd: Update, kl: float, drawn, timer) -> dict:
     """Step 6: every metric reduced over all ranks (timings are added by the loop)."""
     cfg, paced, eos = run.cfg, run.cfg.algo == "paced", run.tokenizer.eos_token_id
-    recs = sorted(sum(gather([(j, float(a), float(p)) for j, a, p in zip(batch.idx, acc, p_hat)], run.world), []))
     acc_all, p_all = np.array([r[1] for r in recs]), np.array([r[2] for r in recs])
     tot = lambda x: all_sum(float(x), run.world, run.device)  # noqa: E731
     n = max(n_train * cfg.group_size, 1)
@@ -290,8 +314,9 @@ def train(cfg: Config) -> dict:
         run.step = step
         row = {"step": run.step, **(evaluate(run) if run.step % cfg.eval_every == 0 else {})}
         t0 = time.time()
-        chosen = select(run)                                                          # 1. select
+        chosen, cand = select(run)                                                    # 1. select
         timer = {"select": time.time() - t0, "rollout": 0.0, "verify": 0.0, "verifier_errors": 0}
+        row.update(run.selector.quality(cand, chosen, lambda idx: p_hat_of(run, idx)))  # exact accuracies: the testbed
         batch, n_prompts, zero_var, reward_sum = roll_out(run, chosen, timer)        # 2-3. roll out, verify
         acc = batch.reward.view(-1, cfg.group_size).mean(1).cpu().numpy()            # a(x), (n,)
         p_hat = p_hat_of(run, batch.idx) if cfg.algo == "paced" and batch.idx else np.zeros(len(batch.idx))
@@ -305,8 +330,10 @@ def train(cfg: Config) -> dict:
         t5 = time.time()
         run.policy.eval()
         kl = kl_sum(run.policy.lm, batch, upd.logp_old, cfg)  # β·KL(π_old ‖ π_θ): Proposition 4.1's gap
-        row.update(step_metrics(run, batch, acc, p_hat, zero_var, reward_sum, n_train, upd, kl, drawn, timer))  # 6. log
-        row.update({"step_s": time.time() - t0, "select_s": timer["select"], "rollout_s": timer["rollout"],
+        groups = gather_groups(run, batch, acc, p_hat)
+        run.selector.observe([g[0] for g in groups], [g[1] for g in groups])  # history, regressor: learn from this step
+        row.update(step_metrics(run, batch, groups, zero_var, reward_sum, n_train, upd, kl, drawn, timer))  # 6. log
+        row.update({"step_s": time.time() - t0, "exact_s": run.selector.pop_exact_seconds(), "select_s": timer["select"], "rollout_s": timer["rollout"],
                     "verify_s": timer["verify"], "update_s": t5 - t4})
         write_metrics(run, row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
