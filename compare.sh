@@ -31,6 +31,13 @@ declare -A METHOD=(
   [grpo_lr4e-4]="--algo=grpo --lr=4e-4"
   [paced_lr4e-4]="--algo=paced --lr=4e-4"
   [flowrl_4_updates]="--algo=flowrl --updates_per_batch=4"
+  # the scheduling study (study.sh): the competing selectors, with the GRPO loss and with the TB loss
+  [grpo_history]="--algo=grpo --select=history"
+  [grpo_oracle]="--algo=grpo --select=oracle"
+  [tb_history]="--algo=paced --select=history"
+  [tb_regress]="--algo=paced --select=regress"
+  [tb_hybrid]="--algo=paced --select=hybrid"
+  [tb_oracle]="--algo=paced --select=oracle"
 )
 ORDER=${ONLY:-"grpo grpo_dynamic flowrl paced_select_only paced_replay_only paced"}
 mkdir -p "$OUT"

@@ -39,6 +39,7 @@ class Config:
     verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | math | code
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
+    regime: str = ""  # a difficulty regime of the testbed's training pool (testbed.REGIMES: base | mid | high); sets train_data
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
     # --- rollouts
     prompts_per_step: int = 32  # B, prompts per step over all ranks (divisible by the world size)
@@ -166,6 +167,12 @@ def make_config(overrides: dict) -> Config:
     if name and name not in PRESETS:
         raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
     merged = {**PRESETS.get(name, {}), **overrides}
+    if merged.get("regime"):  # the regime's training file, built next to the testbed on first use
+        import testbed
+
+        if merged["regime"] not in testbed.REGIMES:
+            raise SystemExit(f"config: regime={merged['regime']!r}; expected one of {sorted(testbed.REGIMES)}")
+        merged["train_data"] = testbed.regime_path(merged.get("testbed_dir", Config.testbed_dir), merged["regime"])
     if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_config names the conflict
         merged = {"select": "uniform", "replay": "off", **merged}
     cfg = Config(**merged)

@@ -6,6 +6,7 @@ the comparison of methods over seeds.
     python eval.py --preset=paper_math_1.5b --model=<ckpt>/model --eval_data=HuggingFaceH4/aime_2024 --eval_samples=32
     python eval.py --compare=runs/compare        # runs named <method>_s<seed>: table.md and plots
     python eval.py --compare=runs/a,runs/b --out=runs/ab   # any finished runs, or directories of them
+    python eval.py --agree=runs/one,runs/two                # where two runs of one config part (1 vs 2 processes)
 
 Reports mean accuracy over `eval_samples` samples per prompt (the paper: 32 for AIME), greedy
 accuracy, pass@k for k = 1, 2, 4, ... up to eval_samples (the unbiased estimator of Chen et al.),
@@ -170,13 +171,14 @@ def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device
 # ----------------------------------------------------------------------------- comparing runs
 
 
-def eval_curve(rows: list) -> list:
+def eval_curve(rows: list, key: str = "eval_acc") -> list:
     """[(rollouts spent, held-out accuracy)] from a run's metrics rows. The evaluation logged with step s
-    runs before that step's rollouts, so it is charged the rollouts of steps 0..s−1; the final row's, all."""
+    runs before that step's rollouts, so it is charged the rollouts of steps 0..s−1; the final row's, all.
+    key: the accuracy metric (eval_acc_exact on the testbed: no sampling noise)."""
     curve, spent = [], 0
     for r in rows:
-        if "eval_acc" in r and r["eval_acc"] is not None:
-            curve.append((r["rollouts"] if "loss" not in r else spent, r["eval_acc"]))
+        if r.get(key) is not None:
+            curve.append((r["rollouts"] if "loss" not in r else spent, r[key]))
         spent = r.get("rollouts", spent)
     return curve
 
@@ -316,10 +318,29 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     return table
 
 
+DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
+
+
+def agreement(run_a: str, run_b: str) -> dict:
+    """Two runs of one config (e.g. on 1 and 2 processes): the first step at which they sampled different
+    responses (a discrete metric differs; None: never), the largest relative difference of the loss before
+    it, and both final held-out accuracies."""
+    a, b = ([json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()] for d in (run_a, run_b))
+    flip = next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
+    before = [(ra["loss"], rb["loss"]) for ra, rb in zip(a, b) if ra.get("loss") is not None and (flip is None or ra["step"] < flip)]
+    return {"first_flip_step": flip, "steps": len(a),
+            "loss_rel_diff_before": max((abs(x - y) / max(abs(x), 1e-12) for x, y in before), default=None),
+            "final_eval_acc": (a[-1].get("eval_acc"), b[-1].get("eval_acc"))}
+
+
 def main(argv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "agree" in args:
+        out = agreement(*args["agree"].split(","))
+        print(json.dumps(out))
+        return out
     if "compare" in args:
         table = compare(args["compare"], args.get("out", args["compare"]))
         print(table, end="")

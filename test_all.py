@@ -518,13 +518,12 @@ def one_and_two_processes(tmp_path, args):
     return read_metrics(one), read_metrics(two), p.stderr
 
 
-DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
-
-
 def first_flip(a, b):
     """The first step at which the 1- and 2-process runs sampled different responses (a discrete metric
     differs), or None: before it both runs hold the same samples, after it they are two different runs."""
-    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
+    import eval as eval_lib
+
+    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in eval_lib.DISCRETE)), None)
 
 
 def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
@@ -538,6 +537,11 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
     assert "ranks disagree" not in stderr  # train.py raises if the ranks' θ and φ differ at a checkpoint or the end
     assert [r["step"] for r in a] == [r["step"] for r in b]
     flip = first_flip(a, b)
+    import eval as eval_lib
+
+    agree = eval_lib.agreement(str(tmp_path / "one"), str(tmp_path / "two"))
+    assert agree["first_flip_step"] == flip and agree["steps"] == len(a)
+    assert agree["loss_rel_diff_before"] < 1e-5
     assert flip != 0
     for ra, rb in zip(a, b):
         if flip is not None and ra["step"] >= flip:
@@ -1002,7 +1006,7 @@ def test_exact_accuracy_agrees_with_monte_carlo(small_testbed):
     rows = data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
     rows = sorted(rows, key=lambda r: len(r["prompt"]))[:4]  # the shortest sums: the highest accuracies
     toks = [tok(r["prompt"]).input_ids for r in rows]
-    acc, dropped = exact.exact_accuracy(lm, tok, toks, [r["answer"] for r in rows], 6, 1.0, "cpu")
+    acc, dropped = exact.exact_accuracy(lm, tok, toks, [r["answer"] for r in rows], 6, 1.0, "cpu", prune=1e-6)
     N = 3000
     texts = rollout.rollout(lm, tok, toks, [11, 12, 13, 14], config.Config(group_size=N), "cpu", 1.0)[-1]
     mc = np.array(verify.score(verify.testbed_reward, texts, [r["answer"] for r in rows for _ in range(N)])[0]).reshape(4, N).mean(1)
@@ -1202,7 +1206,8 @@ def test_oracle_picks_the_true_nearest_prompts_on_a_hand_made_pool():
     assert sorted(chosen.tolist()) == [2, 4, 6]  # |a − 0.5| smallest: 0.52, 0.45, 0.6; no exploration slot
     q = sel.quality(cand, chosen, None)
     assert q["sel_equal_share"] == pytest.approx(scheduler.all_equal_share(exact[[2, 4, 6]], 8))
-    assert q["pool_equal_share"] == pytest.approx(scheduler.all_equal_share(exact, 8)) and q["sel_pred_corr_exact"] == 1.0
+    assert q["pool_equal_share"] == pytest.approx(scheduler.all_equal_share(exact, 8))
+    assert q["sel_pred_corr_exact"] == pytest.approx(1.0)
     calls = []
     sel.exact_fn = lambda idx: calls.append(1) or exact[np.asarray(idx)]
     sel.pop_exact_seconds()
@@ -1238,11 +1243,57 @@ def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp
     assert all(0 <= r["sel_equal_share"] <= 1 and 0 <= r["pool_equal_share"] <= 1 and r["exact_s"] >= 0 for r in steps)
     assert all(0 <= r["eval_acc_exact"] <= 1 for r in a if "eval_acc" in r)
     if kw["select"] == "oracle":
-        assert all(r["sel_pred_corr_exact"] in (1.0, None) for r in steps)
+        assert all(r["sel_pred_corr_exact"] is None or r["sel_pred_corr_exact"] > 1 - 1e-9 for r in steps)
         assert all(r["sel_equal_share"] <= r["pool_equal_share"] + 1e-12 for r in steps)  # the oracle's choice is never worse
     state = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)["selector"]
     assert (state["history"] is not None) == (kw["select"] in ("history", "hybrid"))
     assert (state["head"] is not None) == (kw["select"] == "regress")
+
+
+def test_regimes_produce_the_stated_mix(small_testbed):
+    base = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
+    held = {r["prompt"] for r in data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")}
+    longest = lambda r: max(len(x) for x in r["prompt"].rstrip("=").split("+"))  # noqa: E731
+    for name, w in testbed.REGIMES.items():
+        rows = data.load_prompts(testbed.make_regime(small_testbed, name), "prompt", "answer")
+        hard = [r for r in rows if longest(r) == 4]
+        assert len(rows) == len(base) and len(hard) == round(w * len(base))
+        assert not {r["prompt"] for r in rows} & held  # never a held-out prompt
+        assert {r["prompt"] for r in rows if longest(r) < 4} <= {r["prompt"] for r in base}
+        assert all(r["answer"] == str(sum(map(int, r["prompt"].rstrip("=").split("+"))))[::-1] for r in hard)
+    cfg = config.make_config({"regime": "high", "testbed_dir": small_testbed})
+    assert cfg.train_data == testbed.regime_path(small_testbed, "high")
+    with pytest.raises(SystemExit, match="regime='extreme'"):
+        config.make_config({"regime": "extreme"})
+
+
+def test_study_table_on_hand_made_runs(tmp_path):
+    """Exact accuracy after step s: GRPO 0.5 → 0.7 over 4 steps, its oracle twice as fast, PACED-RL in between."""
+    import study
+
+    def run(regime, name, accs):
+        d = tmp_path / regime / name
+        d.mkdir(parents=True)
+        rows = [{"step": s, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (s + 1), "loss": 0.0, "step_s": 0.1,
+                 "sel_equal_share": 0.2, "pool_equal_share": 0.4, "sel_pred_corr_exact": 0.5} for s, a in enumerate(accs[:-1])]
+        rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc": accs[-1], "eval_acc_exact": accs[-1]})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
+        (d / "config.json").write_text("{}")
+
+    for s in range(3):
+        run("high", f"grpo_s{s}", [0.5, 0.55, 0.6, 0.65, 0.7])
+        run("high", f"grpo_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
+        run("high", f"tb_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
+        run("high", f"paced_s{s}", [0.5, 0.55, 0.65, 0.7, 0.7] if s < 2 else [0.5, 0.5, 0.5, 0.5, 0.5])
+    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
+    per = data["high"]
+    assert per["grpo"]["ratio"] == [1.0, 1.0, 1.0]
+    assert per["grpo_oracle"]["ratio"] == [0.5, 0.5, 0.5]  # 200 of GRPO's 400 rollouts
+    assert per["paced"]["ratio"] == [0.75, 0.75, None]  # seed 2 never reaches 0.7
+    assert per["paced"]["savings_share"] == pytest.approx(0.5)  # (400 − 300) / (400 − 200)
+    assert "| `paced` | 0.700 [0.500, 0.700] | 0.75 [0.75, 0.75] (1 of 3 seeds: not reached) | 0.50 |" in md
+    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
 
 
 def fake_run(root, name, accs, n_prompts=4, per_step=100):

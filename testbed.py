@@ -190,6 +190,68 @@ def build(out: str, cfg: TestbedConfig = TestbedConfig(), log=print):
     return out
 
 
+# Difficulty regimes: how many training prompts carry no signal. A share w of the training pool is
+# replaced by sums with an operand one digit longer than the warm start saw (exact accuracy 0.000 at the
+# warm start: every group all-wrong). The warm start solves no bucket always (its easiest, 1-digit sums,
+# are at 0.90), so the uninformative prompts come from the hard side. w was set by measurement at the
+# warm start (`python testbed.py --regimes` prints the expected share of all-equal groups of G = 8
+# under uniform sampling): base 0.32, mid 0.60, high 0.80. The held-out set is the same for all.
+REGIMES = {"base": 0.0, "mid": 0.42, "high": 0.73}
+
+
+def regime_path(out: str, name: str) -> str:
+    return os.path.join(out, f"train_{name}.jsonl")
+
+
+def make_regime(out: str, name: str, max_digits: int = 3, seed: int = 0) -> str:
+    """<out>/train_<name>.jsonl: <out>/train.jsonl with a share REGIMES[name] of its prompts (the same
+    ones for a given seed) replaced by new sums with a (max_digits + 1)-digit operand, written
+    atomically through `datasets` like the rest of the testbed; never a held-out prompt."""
+    import datasets
+
+    if name not in REGIMES:
+        raise ValueError(f"testbed: unknown regime {name!r}; regimes: {sorted(REGIMES)}")
+    base = datasets.load_dataset("json", data_files=os.path.join(out, "train.jsonl"), split="train").to_list()
+    held = {r["prompt"] for r in datasets.load_dataset("json", data_files=os.path.join(out, "heldout.jsonl"), split="train")}
+    rng = random.Random(seed + 7)
+    n_hard = round(REGIMES[name] * len(base))
+    keep = sorted(rng.sample(range(len(base)), len(base) - n_hard))
+    seen, hard = {r["prompt"] for r in base} | held, []
+    while len(hard) < n_hard:
+        p, a = make_problem(rng, max_digits + 1)
+        if max(len(x) for x in p.rstrip("=").split("+")) == max_digits + 1 and p not in seen:
+            seen.add(p)
+            hard.append({"prompt": p, "answer": a})
+    rows = [base[i] for i in keep] + hard
+    rng.shuffle(rows)
+    path = regime_path(out, name)
+    datasets.Dataset.from_list(rows).to_json(path + ".tmp", lines=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def regime_shares(out: str, group_size: int = 8, n: int = 512) -> dict:
+    """{regime: expected share of all-equal groups under uniform sampling at the warm start}, from the
+    exact accuracies of n prompts of each regime's file (temperature 1, the testbed's 6-token cap)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import exact
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
+    lm = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).eval()
+    shares = {}
+    for name in REGIMES:
+        path = regime_path(out, name)
+        if not os.path.exists(path):
+            make_regime(out, name)
+        rows = [json.loads(line) for line in open(path)]
+        rows = random.Random(0).sample(rows, min(n, len(rows)))
+        acc, _ = exact.exact_accuracy(lm, tok, [tok(r["prompt"]).input_ids for r in rows], [r["answer"] for r in rows], 6, 1.0, "cpu")
+        shares[name] = float(np.mean(acc ** group_size + (1 - acc) ** group_size))
+    return shares
+
+
 def ensure(out: str, log=print):
     """Build the testbed at `out` unless a complete one is already there."""
     if not os.path.exists(os.path.join(out, "testbed_config.json")):
@@ -200,6 +262,12 @@ def ensure(out: str, log=print):
 if __name__ == "__main__":
     cfg = TestbedConfig()
     out = "testbed"
+    if "--regimes" in sys.argv[1:]:  # each regime's expected share of all-equal groups at the warm start
+        where = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--out=")), out)
+        for name, share in regime_shares(ensure(where)).items():
+            print(f"{name}: {REGIMES[name]:.0%} of the pool replaced; expected all-equal share of groups of 8 "
+                  f"under uniform sampling at the warm start: {share:.2f}")
+        raise SystemExit(0)
     for arg in sys.argv[1:]:
         k, _, v = arg.lstrip("-").partition("=")
         if k == "out":

@@ -98,6 +98,8 @@ def setup(cfg: Config) -> Run:
         if rank == 0:
             import testbed
             testbed.ensure(cfg.testbed_dir, log=log)
+            if cfg.regime and not os.path.exists(cfg.train_data):
+                testbed.make_regime(cfg.testbed_dir, cfg.regime)
         if world > 1:
             dist.barrier()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,127 @@
+"""The scheduling study's table and plot, from the runs that study.sh made.
+
+    python study.py --root=runs/study --out=results     # results/study_table.md, results/study_savings.png
+
+For each regime (a directory of runs named <method>_s<seed>) and method, over seeds (median [min, max]):
+the final held-out exact accuracy; the rollouts each seed needs to reach GRPO's median final exact
+accuracy, as a ratio to GRPO's median (interpolated between evaluations; "–" where a seed never
+reaches it); the share of the oracle's savings captured, (R_GRPO − R_method) / (R_GRPO − R_oracle),
+with the oracle of the same loss (GRPO's for the GRPO-loss methods, the TB oracle for the TB ones);
+the selection quality (mean over steps of the expected all-equal share among the chosen prompts, and
+of the Pearson r between prediction and exact accuracy over the pool); and the step time.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+import eval as eval_lib
+
+ORACLE_OF = {"grpo": "grpo_oracle", "grpo_dynamic": "grpo_oracle", "grpo_history": "grpo_oracle", "grpo_oracle": "grpo_oracle",
+             "paced": "tb_oracle", "tb_history": "tb_oracle", "tb_regress": "tb_oracle", "tb_hybrid": "tb_oracle",
+             "tb_oracle": "tb_oracle"}
+KEY = "eval_acc_exact"
+
+
+def _mean_of(rows, k):
+    v = [r[k] for r in rows if r.get(k) is not None]
+    return float(np.mean(v)) if v else None
+
+
+def summarize_regime(runs: dict) -> dict:
+    """{method: figures} for one regime's runs ({method: [run, ...]} as eval.load_runs gives them)."""
+    per = {}
+    for m, rs in runs.items():
+        steps = [[r for r in run["rows"] if "loss" in r] for run in rs]
+        per[m] = {"curves": [eval_lib.eval_curve(run["rows"], KEY) for run in rs],
+                  "final": [eval_lib.eval_curve(run["rows"], KEY)[-1][1] for run in rs],
+                  "sel_equal": [_mean_of(s, "sel_equal_share") for s in steps],
+                  "corr": [_mean_of(s, "sel_pred_corr_exact") for s in steps],
+                  "uniform_equal": [_mean_of(s, "pool_equal_share") for s in steps],
+                  "step_s": [_mean_of(s, "step_s") for s in steps]}
+    if "grpo" not in per:
+        return per
+    target = float(np.median(per["grpo"]["final"]))
+    for f in per.values():
+        f["reach"] = [eval_lib.rollouts_to_reach(c, target) for c in f["curves"]]
+    r_grpo = _median_reached(per["grpo"]["reach"])
+    for m, f in per.items():
+        f["ratio"] = [None if r is None or not r_grpo else r / r_grpo for r in f["reach"]]
+        oracle = per.get(ORACLE_OF.get(m, ""))
+        r_m, r_o = _median_reached(f["reach"]), _median_reached(oracle["reach"]) if oracle else None
+        f["savings_share"] = (r_grpo - r_m) / (r_grpo - r_o) if None not in (r_grpo, r_m, r_o) and r_grpo != r_o else None
+    return per
+
+
+def _median_reached(reach):
+    """The median over seeds of the rollouts to the target; a seed that never reaches it counts as
+    beyond every other, so the median exists only while at least half the seeds reach it."""
+    xs = sorted((r if r is not None else float("inf")) for r in reach)
+    med = xs[(len(xs) - 1) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return None if not np.isfinite(med) else float(med)
+
+
+def _stat(xs, fmt="{:.3f}"):
+    v = [x for x in xs if x is not None]
+    if not v:
+        return "–"
+    missing = f" ({len(xs) - len(v)} of {len(xs)} seeds: not reached)" if len(v) < len(xs) else ""
+    return f"{fmt.format(np.median(v))} [{fmt.format(min(v))}, {fmt.format(max(v))}]{missing}"
+
+
+def table(root: str) -> tuple:
+    """(markdown, {regime: {method: figures}}) for every regime directory under root."""
+    out, data = [], {}
+    for regime in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
+        runs = eval_lib.load_runs(os.path.join(root, regime))
+        if not runs:
+            continue
+        per = data[regime] = summarize_regime(runs)
+        share = _stat([x for f in per.values() for x in f["uniform_equal"]], "{:.2f}")
+        out += [f"\n### Regime `{regime}` (all-equal share of the pool under uniform sampling, over the run: {share})\n",
+                "| method | final exact acc | rollouts to GRPO's final, ÷ GRPO's | share of the oracle's savings | "
+                "all-equal share of chosen | r(prediction, exact) over the pool | step s |", "|---" * 7 + "|"]
+        for m in sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99):
+            f = per[m]
+            sv = f.get("savings_share")
+            out.append(f"| `{m}` | {_stat(f['final'])} | {_stat(f.get('ratio', []), '{:.2f}')} | "
+                       f"{'–' if sv is None else f'{sv:.2f}'} | {_stat(f['sel_equal'], '{:.2f}')} | "
+                       f"{_stat(f['corr'], '{:.2f}')} | {_stat(f['step_s'], '{:.3f}')} |")
+    return "\n".join(out) + "\n", data
+
+
+def plot(data: dict, path: str):
+    """Median rollout ratio to GRPO against the regime's uninformative share, one line per method."""
+    plt = eval_lib._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    regimes = [r for r in data if "pool" not in r]
+    xs = {r: np.median([x for f in data[r].values() for x in f["uniform_equal"] if x is not None]) for r in regimes}
+    for m in ORACLE_OF:
+        pts = sorted((xs[r], np.median([x for x in data[r][m]["ratio"] if x is not None]))
+                     for r in regimes if m in data[r] and any(x is not None for x in data[r][m].get("ratio", [])))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m.startswith("grpo") else "-")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("share of all-equal groups under uniform sampling (regime)")
+    ax.set_ylabel("rollouts to GRPO's final accuracy ÷ GRPO's")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    root, out = args.get("root", "runs/study"), args.get("out", "results")
+    md, data = table(root)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "study_table.md"), "w") as f:
+        f.write(md)
+    plot(data, os.path.join(out, "study_savings.png"))
+    print(md, end="")
+    return md, data
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
