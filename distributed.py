@@ -12,6 +12,7 @@
 """
 
 import datetime
+import importlib
 import os
 
 import torch
@@ -32,6 +33,15 @@ def setup_distributed(cfg):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
+        # These torch modules evaluate `group=dist.group.WORLD` as a default argument when first imported.
+        # Imported after init_process_group (transformers imports torch.distributed.nn while loading a
+        # model), they would hold the live process group for good: destroy_process_group could not free
+        # it, its gloo threads would run into interpreter shutdown, and one that releases a finished
+        # collective's tensors then needs the GIL, which kills the thread inside C++: SIGABRT
+        # ("terminate called without an active exception"), about once in 40 runs. Imported now, they hold None.
+        for name in ("torch.distributed.nn", "torch.distributed.optim.zero_redundancy_optimizer",
+                     "torch.distributed.fsdp.sharded_grad_scaler"):
+            importlib.import_module(name)
         timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
         if device.type == "cuda":
             dist.init_process_group("nccl", timeout=timeout, device_id=device)
@@ -116,7 +126,8 @@ def check_ranks_agree(params, world):
 
 
 def teardown(world):
-    """Leave the process group together: wait for every rank, then destroy it (before interpreter exit)."""
+    """Leave the process group together: wait for every rank, then destroy it, which joins its threads
+    while the interpreter is still whole (setup_distributed says why that needs care)."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
