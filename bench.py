@@ -23,7 +23,6 @@ import torch
 import paced_rl
 import replay
 import scheduler
-import tb_loss
 import update
 from config import Config
 import verify

@@ -6,15 +6,19 @@
 - manifest.json records each file's size and sha256; newest_good_checkpoint skips (and names) a
   damaged checkpoint and falls back to the one before.
 - load_state refuses a state.pt of a format this code does not know, with the reason.
-- truncate_metrics drops the metrics rows past the checkpoint: a resumed run recomputes them exactly.
+- truncate_metrics drops the metrics rows past the checkpoint: a resumed run recomputes them exactly;
+  append_metrics writes one row (NaN and inf as null).
+- StopSignal: SIGINT / SIGTERM make the loop checkpoint and stop after the current step.
 """
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import signal
 
 import torch
 
@@ -157,3 +161,27 @@ def load_state(ckpt: str) -> dict:
     if missing:
         raise SystemExit(f"resume: {ckpt}/state.pt lacks {sorted(missing)}: not a checkpoint of this code")
     return st
+
+
+class StopSignal:
+    """SIGINT / SIGTERM set `name`; the loop checkpoints and returns after the current step. A second Ctrl-C stops now."""
+
+    def __init__(self):
+        self.name = None
+        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def append_metrics(path: str, row: dict):
+    """One row of metrics.jsonl; NaN / inf are written as null: strict JSON that every tool reads."""
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -16,6 +16,19 @@ import verify
 from distributed import gather
 
 
+def load_tokenizer(path: str):
+    """The model's tokenizer, left-padded (generation needs it), pad = EOS where it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise SystemExit(f"model: the tokenizer of {path} has no EOS token; responses could never end")
+    return tokenizer
+
+
 def load_data(cfg, tokenizer, log):
     """(train_rows, train_toks, eval_rows, eval_toks): both files loaded, checked, encoded, length-capped."""
     train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)

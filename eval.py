@@ -33,6 +33,7 @@ import paced_rl
 import verify
 from checkpoint import ckpt_dirs
 from data import encode_prompts, load_prompts
+import distributed
 from distributed import gather, print0, setup_distributed, teardown
 from rollout import rollout, seed_of
 
@@ -318,27 +319,12 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     return table
 
 
-DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
-
-
-def agreement(run_a: str, run_b: str) -> dict:
-    """Two runs of one config (e.g. on 1 and 2 processes): the first step at which they sampled different
-    responses (a discrete metric differs; None: never), the largest relative difference of the loss before
-    it, and both final held-out accuracies."""
-    a, b = ([json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()] for d in (run_a, run_b))
-    flip = next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
-    before = [(ra["loss"], rb["loss"]) for ra, rb in zip(a, b) if ra.get("loss") is not None and (flip is None or ra["step"] < flip)]
-    return {"first_flip_step": flip, "steps": len(a),
-            "loss_rel_diff_before": max((abs(x - y) / max(abs(x), 1e-12) for x, y in before), default=None),
-            "final_eval_acc": (a[-1].get("eval_acc"), b[-1].get("eval_acc"))}
-
-
 def main(argv):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     if "agree" in args:
-        out = agreement(*args["agree"].split(","))
+        out = distributed.agreement(*args["agree"].split(","))
         print(json.dumps(out))
         return out
     if "compare" in args:

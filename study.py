@@ -105,7 +105,10 @@ def plot(data: dict, path: str):
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("share of all-equal groups under uniform sampling (regime)")
     ax.set_ylabel("rollouts to GRPO's final accuracy ÷ GRPO's")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:  # no method reached GRPO's final accuracy from below: nothing to draw yet
+        ax.text(0.5, 0.5, "no rollout ratios (GRPO's target reached at step 0, or no runs)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -23,7 +23,6 @@ import config
 import data
 import testbed
 import train
-import update
 import verify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -521,9 +520,9 @@ def one_and_two_processes(tmp_path, args):
 def first_flip(a, b):
     """The first step at which the 1- and 2-process runs sampled different responses (a discrete metric
     differs), or None: before it both runs hold the same samples, after it they are two different runs."""
-    import eval as eval_lib
+    import distributed
 
-    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in eval_lib.DISCRETE)), None)
+    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in distributed.DISCRETE)), None)
 
 
 def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
@@ -537,9 +536,9 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
     assert "ranks disagree" not in stderr  # train.py raises if the ranks' θ and φ differ at a checkpoint or the end
     assert [r["step"] for r in a] == [r["step"] for r in b]
     flip = first_flip(a, b)
-    import eval as eval_lib
+    import distributed
 
-    agree = eval_lib.agreement(str(tmp_path / "one"), str(tmp_path / "two"))
+    agree = distributed.agreement(str(tmp_path / "one"), str(tmp_path / "two"))
     assert agree["first_flip_step"] == flip and agree["steps"] == len(a)
     assert agree["loss_rel_diff_before"] < 1e-5
     assert flip != 0

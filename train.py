@@ -25,9 +25,7 @@ its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current
 
 import dataclasses
 import json
-import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -45,11 +43,11 @@ import replay as replay_lib
 import scheduler
 import verify
 from config import Config, check_config, make_config, parse_args
-from data import load_data, prompt_embedding_cache
-from distributed import all_sum, check_ranks_agree, gather, print0, setup_distributed, shard_model, teardown
+from data import load_data, load_tokenizer, prompt_embedding_cache
+from distributed import all_sum, check_ranks_agree, gather, print0, setup_distributed, teardown
 from rollout import Batch, dynamic_sampling, roll_and_verify, seed_of
 from selection import NEEDS_EMBEDDINGS, Selector
-from update import Update, fresh_samples, kl_sum, logprobs_nograd, optimizer_steps, replayed_samples
+from update import Update, build_policy, fresh_samples, kl_sum, logprobs_nograd, optimizer_steps, replayed_samples
 
 
 @dataclass
@@ -102,15 +100,9 @@ def setup(cfg: Config) -> Run:
                 testbed.make_regime(cfg.testbed_dir, cfg.regime)
         if world > 1:
             dist.barrier()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = ckpt.newest_good_checkpoint(cfg.out_dir, log) if cfg.resume else None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.eos_token_id is None:
-        raise SystemExit(f"model: the tokenizer of {cfg.model} has no EOS token; responses could never end")
+    tokenizer = load_tokenizer(cfg.model)
     train_rows, train_toks, eval_rows, eval_toks = load_data(cfg, tokenizer, log)
     if not cfg.resume and ckpt.ckpt_dirs(cfg.out_dir):
         raise SystemExit(f"{cfg.out_dir} already holds checkpoints of a run: continue it with --resume={cfg.out_dir}, "
@@ -122,29 +114,10 @@ def setup(cfg: Config) -> Run:
     emb_train = emb_eval = None  # frozen e(x) of the *initial* model for Z_φ: computed once, cached next to the run
     if cfg.algo == "paced" or cfg.select in NEEDS_EMBEDDINGS:
         emb_train, emb_eval = prompt_embedding_cache(cfg, tokenizer.pad_token_id, train_toks, eval_toks, dtype, device, rank, world)
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
-    lm = load(os.path.join(start, "model") if start else cfg.model)  # same files on every rank: same weights
-    if cfg.grad_ckpt:
-        lm.gradient_checkpointing_enable()
-    ref_lm = load(cfg.model).eval().requires_grad_(False) if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0) else None
-    if cfg.fsdp and world > 1:
-        for m in (lm, ref_lm):
-            if m is not None:
-                shard_model(m, world, device)
-    torch.manual_seed(cfg.seed)  # the log Z head's init, the same on every rank
-    logz = None
-    if cfg.algo == "paced":
-        logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
-        logz.set_normalization(emb_train)
-    elif cfg.algo == "flowrl":
-        logz = paced_rl.PooledLogZHead(lm.config.hidden_size)
-    policy = paced_rl.Policy(lm, logz).to(device)
-    groups = [{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if logz is not None:  # Z_φ has its own (far larger) learning rate and no weight decay
-        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0})
+    policy, ref_lm, opt = build_policy(cfg, os.path.join(start, "model") if start else cfg.model, emb_train, dtype, device, world)
     run = Run(cfg, rank, world, device, log, tokenizer, train_toks, [r["answer"] for r in train_rows], eval_toks,
               [r["answer"] for r in eval_rows], verify.get_verifier(cfg.verifier), policy, ref_lm,
-              [p for p in policy.parameters() if p.requires_grad], torch.optim.AdamW(groups),
+              [p for p in policy.parameters() if p.requires_grad], opt,
               emb_train.to(device) if emb_train is not None else None, emb_eval,
               scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select != "uniform" else cfg.prompts_per_step, cfg.seed),
               None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
@@ -188,10 +161,8 @@ def metrics_path(run: Run) -> str:
 
 
 def write_metrics(run: Run, row: dict):
-    if run.rank == 0:  # NaN / inf are written as null: strict JSON that every tool reads
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(metrics_path(run), "a") as f:
-            f.write(json.dumps(row) + "\n")
+    if run.rank == 0:
+        ckpt.append_metrics(metrics_path(run), row)
 
 
 def evaluate(run: Run, final: bool = False) -> dict:
@@ -223,7 +194,7 @@ def select(run: Run):
 def roll_out(run: Run, chosen, timer: dict):
     """Steps 2-3: this rank's share of the prompts, G responses each, verified (dynamic sampling: more rounds).
     Returns (Batch, prompts rolled out over all ranks, share of all-equal groups or None, Σ first-round rewards)."""
-    cfg, G = run.cfg, run.cfg.group_size
+    cfg = run.cfg
     roll = lambda chosen, rnd: roll_and_verify(run.policy.lm, run.tokenizer, run.train_toks, run.answers, run.verifier,  # noqa: E731
                                                chosen, run.step, rnd, cfg, run.device, run.rank, run.world, timer)
     run.policy.eval()
@@ -309,7 +280,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}."""
     check_config(cfg)
     run = setup(cfg)
-    stop = StopSignal()
+    stop = ckpt.StopSignal()
     start_step = run.step
     bar = tqdm(range(run.step, cfg.max_steps), initial=run.step, total=cfg.max_steps, disable=run.rank != 0, desc="train")
     for step in bar:
@@ -360,23 +331,6 @@ def train(cfg: Config) -> dict:
             + (f", calibration corr {corr:.3f}" if corr is not None else "") + f", metrics in {metrics_path(run)}")
     teardown(run.world)
     return {"final": row, "policy": run.policy}
-
-
-class StopSignal:
-    """SIGINT / SIGTERM set `name`; the loop checkpoints and returns after the current step. A second Ctrl-C stops now."""
-
-    def __init__(self):
-        self.name = None
-        self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-
-    def restore(self):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@
   positions [u·n/U, (u+1)·n/U), anchored on the sampler's log-probs (one no-grad pass before the first).
 - A non-finite loss or gradient skips that optimizer step on every rank (counted, never applied).
 - beta_kl: β·KL(π_old ‖ π_θ) after the update, Proposition 4.1's gap between β·log Z and accuracy.
+- build_policy: the LM, its log Z head and π_ref, sharded if asked, and the AdamW over θ and φ.
 """
 
 import math
@@ -18,7 +19,7 @@ import torch
 
 import paced_rl
 import tb_loss
-from distributed import all_sum, is_sharded, sync_grads
+from distributed import all_sum, is_sharded, shard_model, sync_grads
 
 
 @dataclass
@@ -92,6 +93,35 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
         gnorms.append(gnorm)
     logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
     return Update(losses, gnorms, logp_old, skipped)
+
+
+def build_policy(cfg, model_path: str, emb_train, dtype, device, world):
+    """(policy, π_ref or None, AdamW): the LM from model_path (a checkpoint's on resume) with its log Z head
+    (Z_φ over the frozen e(x) for PACED-RL, FlowRL's pooled head, none for GRPO), sharded with FSDP2 if asked.
+    Z_φ has its own (far larger) learning rate and no weight decay."""
+    from transformers import AutoModelForCausalLM
+
+    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
+    lm = load(model_path)  # same files on every rank: same weights
+    if cfg.grad_ckpt:
+        lm.gradient_checkpointing_enable()
+    ref_lm = load(cfg.model).eval().requires_grad_(False) if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0) else None
+    if cfg.fsdp and world > 1:
+        for m in (lm, ref_lm):
+            if m is not None:
+                shard_model(m, world, device)
+    torch.manual_seed(cfg.seed)  # the log Z head's init, the same on every rank
+    logz = None
+    if cfg.algo == "paced":
+        logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
+        logz.set_normalization(emb_train)
+    elif cfg.algo == "flowrl":
+        logz = paced_rl.PooledLogZHead(lm.config.hidden_size)
+    policy = paced_rl.Policy(lm, logz).to(device)
+    groups = [{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if logz is not None:  # Z_φ has its own (far larger) learning rate and no weight decay
+        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0})
+    return policy, ref_lm, torch.optim.AdamW(groups)
 
 
 def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
