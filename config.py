@@ -72,7 +72,7 @@ class Config:
     history_draw: str = "thompson"  # history / hybrid rank by: thompson (one posterior draw, MoPPS) | mean
     hybrid_n0: float = 8.0  # hybrid: pseudo-counts of Z_φ's prior (8 = one group's worth of evidence)
     regress_lr: float = 1e-2  # regress: Adam learning rate of the accuracy regressor (as logz_lr)
-    exact_metrics: str = "auto"  # exact accuracies (exact.py) in evaluation and selection metrics: auto (testbed verifier) | on | off
+    exact_metrics: str = "auto"  # exact accuracies (exact.py): auto = in evaluation on the testbed | on = also each step's selection quality (study.sh) | off
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
     logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output

@@ -1253,8 +1253,8 @@ def test_refused_selector_combinations(args, msg):
                                 {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
 def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, **kw))
-    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, **kw))
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, exact_metrics="on", **kw))
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, exact_metrics="on", **kw))
     train.main([f"--resume={part}", "--max_steps=4"])
     a, b = read_metrics(full), read_metrics(part)
     assert [untimed(r) for r in a] == [untimed(r) for r in b]  # the selector's state resumed exactly
