@@ -8,9 +8,10 @@ prompt's accuracy under the rollout's sampling distribution π_T (softmax of log
 which teacher forcing computes exactly (DESIGN.md §11). The accepted strings are more than the answer's
 tokens followed by EOS: decoding skips special tokens, so `<pad>` or `<unk>` may stand anywhere among the
 answer's characters, and a response that reaches `max_new_tokens` without EOS is decoded as it stands.
-exact_accuracy walks that set as a tree of prefixes (one batched forward pass per depth): a prefix is
-kept while it can still become accepted; EOS after the whole answer, or the whole answer at the length
-cap, adds its probability. Branches whose probability falls below `prune` are dropped and their mass
+exact_accuracy walks that set as a tree: one batched teacher-forced pass runs every prompt along its
+answer, summing the probability of EOS after the whole answer (or of the whole answer at the length
+cap), and each special token that could stand in between opens a branch, run the same way in the next
+pass. Branches whose probability falls below `prune` are dropped and their mass
 returned as a bound: acc lies in [acc, acc + dropped].
 
 The rollout samples with the Gumbel-max trick on uniforms clamped to [1e-20, 1 − 1e-7], which moves
@@ -42,27 +43,39 @@ def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_toke
             raise ValueError(f"exact_accuracy: answer {a!r} does not round-trip through the tokenizer")
         ans_ids.append(ids)
     acc, dropped = np.zeros(len(prompt_toks)), np.zeros(len(prompt_toks))
-    frontier = [(i, [], 0, 0.0) for i in range(len(prompt_toks))]  # (prompt, prefix, answer tokens matched, log p)
-    for depth in range(max_new_tokens):
+    # a frontier item: (prompt, response prefix, answer tokens matched, log p of the prefix); one teacher-forced
+    # pass runs it along the rest of the answer, and every special token that could stand in between opens a branch
+    frontier = [(i, [], 0, 0.0) for i in range(len(prompt_toks)) if len(ans_ids[i]) <= max_new_tokens]
+    while frontier:
         nxt = []
-        for s in range(0, len(frontier), batch_size):
-            chunk = frontier[s:s + batch_size]
-            pid, pmask = paced_rl.left_pad([prompt_toks[i] + prefix for i, prefix, _, _ in chunk], tokenizer.pad_token_id, device)
-            logits = lm(input_ids=pid, attention_mask=pmask, position_ids=paced_rl.position_ids(pmask)).logits[:, -1].float()
-            logp = torch.log_softmax(logits / temperature, -1).cpu().double().numpy()  # (n, V)
-            for (i, prefix, m, lp), row in zip(chunk, logp):
-                n = len(ans_ids[i])
-                if m == n:  # the whole answer: EOS ends an accepted response
-                    acc[i] += np.exp(lp + row[eos])
-                for t in ([ans_ids[i][m]] if m < n else []) + skip:  # the tokens that keep it acceptable
-                    p, m2 = lp + row[t], m + (m < n and t == ans_ids[i][m])
-                    if depth + 1 == max_new_tokens:  # the length cap: decoded as it stands
-                        acc[i] += np.exp(p) if m2 == n else 0.0
-                    elif n - m2 > max_new_tokens - depth - 1:
-                        continue  # the rest of the answer no longer fits: never accepted
-                    elif np.exp(p) >= prune:
-                        nxt.append((i, prefix + [t], m2, p))
-                    else:
-                        dropped[i] += np.exp(p)
+        for c in range(0, len(frontier), batch_size):
+            chunk = frontier[c:c + batch_size]
+            seqs = [prompt_toks[i] + prefix + ans_ids[i][m:] for i, prefix, m, _ in chunk]
+            pid, pmask = paced_rl.left_pad(seqs, tokenizer.pad_token_id, device)
+            logits = lm(input_ids=pid, attention_mask=pmask, position_ids=paced_rl.position_ids(pmask)).logits.float()
+            logp = torch.log_softmax(logits / temperature, -1).cpu().double().numpy()  # (b, T, V)
+            for (i, prefix, m, lp), seq, rows in zip(chunk, seqs, logp):
+                n, rest, depth = len(ans_ids[i]), ans_ids[i][m:], len(prefix)
+                first = rows.shape[0] - len(seq) + len(prompt_toks[i]) + depth - 1  # the row that predicts rest[0]
+                for k in range(len(rest) + 1):
+                    row, d, done = rows[first + k], depth + k, m + k == n  # d response tokens so far
+                    if done:  # the whole answer: EOS ends an accepted response
+                        acc[i] += np.exp(lp + row[eos])
+                    for t in skip:  # dropped by decoding: the response stays acceptable
+                        p = lp + row[t]
+                        if d + 1 == max_new_tokens:  # the length cap: decoded as it stands
+                            acc[i] += np.exp(p) if done else 0.0
+                        elif n - (m + k) > max_new_tokens - d - 1:
+                            continue  # the rest of the answer no longer fits: never accepted
+                        elif np.exp(p) >= prune:
+                            nxt.append((i, prefix + rest[:k] + [t], m + k, p))
+                        else:
+                            dropped[i] += np.exp(p)
+                    if done:
+                        break
+                    lp += row[rest[k]]
+                    if d + 1 == max_new_tokens:  # the cap, reached by an answer token
+                        acc[i] += np.exp(lp) if m + k + 1 == n else 0.0
+                        break
         frontier = nxt
     return acc, dropped
