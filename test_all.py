@@ -550,6 +550,22 @@ def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
+def test_oracle_two_processes_agree_with_one(small_testbed, tmp_path):
+    """Exact accuracies are sharded over ranks and gathered: every rank, and the 1-process run, choose the
+    same prompts (until a sampled token flips, as for every run)."""
+    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
+                                                            select="oracle", exact_metrics="on"))
+    assert "ranks disagree" not in stderr
+    flip = first_flip(a, b)
+    assert flip != 0
+    for ra, rb in zip(a, b):
+        if flip is not None and ra["step"] >= flip:
+            break
+        for k in ("sel_equal_share", "pool_equal_share", "loss", "eval_acc_exact"):
+            if ra.get(k) is not None:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
 def test_process_group_is_freed_before_interpreter_exit(small_testbed, tmp_path):
     """The cause of a SIGABRT in about 1 of 40 two-process runs: torch.distributed.nn, imported by transformers

@@ -173,11 +173,17 @@ def evaluate(run: Run, final: bool = False) -> dict:
 
 
 def exact_of(run: Run, toks, answers):
-    """(exact accuracies, pruned mass) under the current policy (exact.py); every rank computes all (lockstep)."""
+    """(exact accuracies, pruned mass) under the current policy (exact.py): each rank computes its share of the
+    prompts, then one gather; a sharded (FSDP) model needs every rank in lockstep, so there each computes all."""
     run.policy.eval()
-    cfg = run.cfg
-    return exact.exact_accuracy(run.policy.lm, run.tokenizer, toks, answers, cfg.max_new_tokens, cfg.temperature,
-                                run.device, cfg.eval_batch)
+    cfg, world = run.cfg, 1 if run.cfg.fsdp else run.world
+    mine = list(range(run.rank % world, len(toks), world))
+    acc, gap = exact.exact_accuracy(run.policy.lm, run.tokenizer, [toks[j] for j in mine], [answers[j] for j in mine],
+                                    cfg.max_new_tokens, cfg.temperature, run.device, cfg.eval_batch)
+    out = np.zeros((2, len(toks)))
+    for idx, a, g in gather((mine, acc, gap), world):
+        out[0, idx], out[1, idx] = a, g
+    return out[0], out[1]
 
 
 @torch.no_grad()
