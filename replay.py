@@ -6,11 +6,11 @@ are stored, with priority e(x): the prompts whose difficulty the scheduler misju
 Paper: each step the `add_k` = 64 correct trajectories with the largest e(x) enter a buffer of
 capacity 128, and replayed samples join the update batch.
 
-Open in the paper; our choices (each a config field in train.py):
+Open in the paper; our choices (each a config field in config.py):
 - eviction: when full, the lowest-priority entries leave (ties: the oldest first);
 - drawing: `n` entries without replacement, with probability ∝ priority, from an RNG that every
   rank holds in the same state, so every rank draws the same entries; drawn entries stay;
-- the anchor π_old of a replayed sample and whether it trains Z_φ are decided in train.py.
+- the anchor π_old of a replayed sample and whether it trains Z_φ are set in config.py, applied in update.py.
 """
 
 import numpy as np
