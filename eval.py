@@ -36,6 +36,7 @@ from data import encode_prompts, load_prompts
 import distributed
 from distributed import gather, print0, setup_distributed, teardown
 from rollout import rollout, seed_of
+from scheduler import all_equal_share
 
 
 def pearson(a, b):
@@ -106,9 +107,9 @@ def selection_check(p_hat, acc, group_size: int, tau: float = 0.5, frac: float =
     prompts nearest τ are chosen by p̂, by the true a (an oracle scheduler), or uniformly."""
     p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
     k = max(1, int(round(frac * acc.size)))
-    equal = acc ** group_size + (1 - acc) ** group_size
-    return {"uniform": float(equal.mean()), "by_p_hat": float(equal[np.argsort(np.abs(p_hat - tau), kind="stable")[:k]].mean()),
-            "oracle": float(equal[np.argsort(np.abs(acc - tau), kind="stable")[:k]].mean())}
+    nearest = lambda score: acc[np.argsort(np.abs(score - tau), kind="stable")[:k]]  # noqa: E731
+    return {"uniform": all_equal_share(acc, group_size), "by_p_hat": all_equal_share(nearest(p_hat), group_size),
+            "oracle": all_equal_share(nearest(acc), group_size)}
 
 
 def calibration(p_hat, acc) -> dict:

@@ -24,8 +24,6 @@ import torch
 import paced_rl
 
 
-
-
 @torch.no_grad()
 def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_tokens: int, temperature: float,
                    device, batch_size: int = 256, prune: float = 1e-4):

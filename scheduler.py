@@ -12,6 +12,10 @@ passed over, so that estimates far from τ keep being checked against observed a
 Dynamic sampling (DAPO, a baseline's rule, `keep_informative`): groups whose G rewards are all equal
 are dropped and more prompts are rolled out until the batch is full; the extra rollouts are its cost.
 Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same prompts.
+The competing predictors of the scheduling study live here too, as plain pieces that selection.py
+combines: `History` (a per-prompt Beta posterior, MoPPS), `hybrid_prior` (Z_φ's p̂ as its prior), `pick`
+(the nearest-τ rule with exploration slots) and `all_equal_share` (the expected share of groups
+without signal, a^G + (1 − a)^G).
 """
 
 import numpy as np

@@ -101,7 +101,7 @@ class Selector:
         exact = self.exact(cand)
         pos = {int(j): k for k, j in enumerate(cand)}
         chosen_exact = exact[[pos[int(j)] for j in chosen]]
-        pred = self.predict(cand, p_hat_fn) if self.cfg.select != "oracle" else exact
+        pred = self.predict(cand, p_hat_fn)  # the oracle's is `exact` itself (cached)
         G = self.cfg.group_size
         return {"sel_equal_share": scheduler.all_equal_share(chosen_exact, G),
                 "pool_equal_share": scheduler.all_equal_share(exact, G),
@@ -117,7 +117,8 @@ class Selector:
         return self._exact_cache[1]
 
     def pop_exact_seconds(self) -> float:
-        """Seconds spent on exact accuracies since the last call (teacher forcing: not rollouts)."""
+        """Seconds spent on exact accuracies since the last call (teacher forcing: not rollouts). Called once
+        per step after the update, it also forgets the cached accuracies: the policy has changed."""
         self._exact_cache, (s, self.exact_seconds) = (None, None), (self.exact_seconds, 0.0)
         return s
 

@@ -77,7 +77,6 @@ class Run:
     step: int = 0
     rollouts: int = 0  # responses sampled so far (dynamic sampling: every round)
     skipped: int = 0  # optimizer steps skipped (non-finite, or nothing to train on)
-    exact_train: object = None  # idx -> exact accuracies of training prompts under the current policy (testbed), else None
     exact_eval: object = None  # () -> (exact accuracies, pruned mass) of the held-out prompts, else None
 
 
@@ -122,9 +121,9 @@ def setup(cfg: Config) -> Run:
               scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select != "uniform" else cfg.prompts_per_step, cfg.seed),
               None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
     exact_on = cfg.exact_metrics == "on" or (cfg.exact_metrics == "auto" and cfg.verifier == "testbed")
-    run.exact_train = (lambda idx: exact_of(run, [run.train_toks[j] for j in idx], [run.answers[j] for j in idx])[0]) if exact_on else None
+    exact_train = (lambda idx: exact_of(run, [run.train_toks[j] for j in idx], [run.answers[j] for j in idx])[0]) if exact_on else None
     run.exact_eval = (lambda: exact_of(run, run.eval_toks, run.eval_answers)) if exact_on else None
-    run.selector = Selector(cfg, len(train_rows), run.emb_train, run.exact_train, np.random.default_rng(seed_of(cfg.seed, 3)))
+    run.selector = Selector(cfg, len(train_rows), run.emb_train, exact_train, np.random.default_rng(seed_of(cfg.seed, 3)))
     if start:
         restore(run, ckpt.load_state(start))
         log(f"resumed {start} at step {run.step}")
@@ -313,8 +312,8 @@ def train(cfg: Config) -> dict:
         groups = gather_groups(run, batch, acc, p_hat)
         run.selector.observe([g[0] for g in groups], [g[1] for g in groups])  # history, regressor: learn from this step
         row.update(step_metrics(run, batch, groups, zero_var, reward_sum, n_train, upd, kl, drawn, timer))  # 6. log
-        row.update({"step_s": time.time() - t0, "exact_s": run.selector.pop_exact_seconds(), "select_s": timer["select"], "rollout_s": timer["rollout"],
-                    "verify_s": timer["verify"], "update_s": t5 - t4})
+        row.update({"step_s": time.time() - t0, "exact_s": run.selector.pop_exact_seconds(), "select_s": timer["select"],
+                    "rollout_s": timer["rollout"], "verify_s": timer["verify"], "update_s": t5 - t4})
         write_metrics(run, row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
         if row["zero_var_frac"] > 0.8 and run.step % cfg.eval_every == 0:
