@@ -73,6 +73,7 @@ class Config:
     hybrid_n0: float = 8.0  # hybrid: pseudo-counts of Z_φ's prior (8 = one group's worth of evidence)
     regress_lr: float = 1e-2  # regress: Adam learning rate of the accuracy regressor (as logz_lr)
     exact_metrics: str = "auto"  # exact accuracies (exact.py): auto = in evaluation on the testbed | on = also each step's selection quality (study.sh) | off
+    quality_every: int = 1  # with exact_metrics=on: the selection quality every k steps (the oracle logs it every step, free)
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
     logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
@@ -189,7 +190,7 @@ def check_config(cfg: Config):
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "eval_every", "ckpt_every", "eval_samples"):
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "eval_every", "ckpt_every", "eval_samples", "quality_every"):
         if getattr(cfg, k) < 1:
             raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.beta <= 0:

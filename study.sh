@@ -14,8 +14,8 @@ PY=${PYTHON:-python}
 METHODS="grpo grpo_dynamic grpo_history grpo_oracle paced tb_history tb_regress tb_hybrid tb_oracle"
 declare -A POOL=([base]=64 [mid]=128 [high]=256)  # candidates per step: a few × the informative prompts B needs
 for r in ${REGIMES:-base mid high}; do
-  ONLY="$METHODS" OUT="$ROOT/$r" bash compare.sh --regime="$r" --pool_size="${POOL[$r]}" --exact_metrics=on --eval_every=25 --eval_samples=8 "$@"
+  ONLY="$METHODS" OUT="$ROOT/$r" bash compare.sh --regime="$r" --pool_size="${POOL[$r]}" --exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8 "$@"
 done
 # the effect of the pool: the high regime with 4 × its pool, for the oracle and PACED-RL
-ONLY="tb_oracle paced" OUT="$ROOT/high_pool1024" bash compare.sh --regime=high --pool_size=1024 --exact_metrics=on --eval_every=25 --eval_samples=8 "$@"
+ONLY="tb_oracle paced" OUT="$ROOT/high_pool1024" bash compare.sh --regime=high --pool_size=1024 --exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8 "$@"
 $PY study.py --root="$ROOT" --out="${OUT:-results}"

@@ -1266,7 +1266,7 @@ def test_refused_selector_combinations(args, msg):
         config.make_config(config.parse_args(args))
 
 
-@pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8"}, {"select": "regress"},
+@pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8", "quality_every": "2"}, {"select": "regress"},
                                 {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
 def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -1275,7 +1275,9 @@ def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp
     train.main([f"--resume={part}", "--max_steps=4"])
     a, b = read_metrics(full), read_metrics(part)
     assert [untimed(r) for r in a] == [untimed(r) for r in b]  # the selector's state resumed exactly
-    steps = [r for r in a if "loss" in r]
+    every = int(kw.get("quality_every", 1))
+    assert [("sel_equal_share" in r) for r in a if "loss" in r] == [r["step"] % every == 0 for r in a if "loss" in r]
+    steps = [r for r in a if "sel_equal_share" in r]
     assert all(0 <= r["sel_equal_share"] <= 1 and 0 <= r["pool_equal_share"] <= 1 and r["exact_s"] >= 0 for r in steps)
     assert all(0 <= r["eval_acc_exact"] <= 1 for r in a if "eval_acc" in r)
     if kw["select"] == "oracle":

@@ -294,7 +294,7 @@ def train(cfg: Config) -> dict:
         t0 = time.time()
         chosen, cand = select(run)                                                    # 1. select
         timer = {"select": time.time() - t0, "rollout": 0.0, "verify": 0.0, "verifier_errors": 0}
-        if cfg.exact_metrics == "on" or cfg.select == "oracle":  # the choice's quality from exact accuracies (the testbed)
+        if cfg.select == "oracle" or (cfg.exact_metrics == "on" and run.step % cfg.quality_every == 0):  # the choice's quality (exact)
             row.update(run.selector.quality(cand, chosen, lambda idx: p_hat_of(run, idx)))
         batch, n_prompts, zero_var, reward_sum = roll_out(run, chosen, timer)        # 2-3. roll out, verify
         acc = batch.reward.view(-1, cfg.group_size).mean(1).cpu().numpy()            # a(x), (n,)
