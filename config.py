@@ -10,6 +10,7 @@ import inspect
 import re
 from dataclasses import dataclass
 
+import smollm2
 import verify
 
 
@@ -94,6 +95,7 @@ class Config:
     # --- evaluation, logging, checkpoints
     eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
     eval_samples: int = 32  # samples per held-out prompt at `temperature` (the paper: 32 for AIME)
+    eval_greedy: bool = False  # also the greedy accuracy of the held-out prompts (eval_acc_greedy)
     eval_batch: int = 64  # held-out prompts per generation batch
     ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
@@ -109,7 +111,14 @@ _PAPER_MATH = dict(
     lr=1e-6, weight_decay=0.1, max_steps=150, prompts_per_step=128, pool_size=512, eval_every=10,
     eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
     testbed_dir="", out_dir="runs/paper_math")
+# SmolLM2-135M-Instruct on natural-language arithmetic (smollm2.py), sized for a 2-core CPU (README)
+_SMOL = "testbed/" + smollm2.SUBDIR
 PRESETS = {
+    "smollm2_arith": dict(model=_SMOL + "/model", train_data=_SMOL + "/train.jsonl", eval_data=_SMOL + "/heldout.jsonl",
+                          verifier="math_boxed", prompt_suffix=smollm2.SUFFIX, max_new_tokens=64, prompts_per_step=8,
+                          group_size=8, pool_size=32, rollout_batch=8, micro_batch=16, logit_chunk=16, lr=1e-5,
+                          max_steps=60, eval_every=10, eval_samples=4, eval_greedy=True, eval_batch=40, ckpt_every=10,
+                          out_dir="runs/smollm2"),
     "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64,
                         "logit_chunk": 512},
     "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,

@@ -118,14 +118,22 @@ def calibration(p_hat, acc) -> dict:
     return {"acc_est_corr": pearson(p_hat, acc), "acc_est_abs_err": float(np.abs(p_hat - acc).mean())}
 
 
+@dataclasses.dataclass
+class Sampled:
+    """Per-prompt results of sampled_accuracy, in prompt order."""
+    acc: np.ndarray  # share of correct samples
+    distinct: np.ndarray  # distinct correct responses
+    formatted: np.ndarray = None  # share of samples with a parseable final answer (verifiers with a format check)
+
+
 @torch.no_grad()
-def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world, n_samples, temperature,
-                     distinct: bool = False):
+def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world, n_samples, temperature) -> Sampled:
     """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample), for every
-    prompt in `toks`, in order; the work is sharded over ranks and gathered. distinct=True also
-    returns each prompt's number of distinct correct responses."""
+    prompt in `toks`, in order, with the distinct correct responses and (where the verifier has a format
+    check, `fn.has_answer`) the share of well-formed ones; the work is sharded over ranks and gathered."""
     n = 1 if temperature == 0 else n_samples
     sub = dataclasses.replace(cfg, group_size=n)
+    has_answer = getattr(fn, "has_answer", None)
     mine = list(range(rank, len(toks), world))
     n_mine = len(mine)
     mine += [mine[0] if mine else 0] * (-(-len(toks) // world) - n_mine)  # equal shards: a sharded model needs lockstep
@@ -137,11 +145,13 @@ def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world,
         for k, j in enumerate(idx):
             if i + k >= n_mine:
                 break  # padding of this rank's shard: not scored
-            r, _ = verify.score(fn, texts[k * n:(k + 1) * n], [answers[j]] * n, cfg.verifier_workers)
-            recs.append((j, sum(r) / n, distinct_correct(texts[k * n:(k + 1) * n], r)))
+            mine_texts = texts[k * n:(k + 1) * n]
+            r, _ = verify.score(fn, mine_texts, [answers[j]] * n, cfg.verifier_workers)
+            fmt = sum(map(has_answer, mine_texts)) / n if has_answer else 0.0
+            recs.append((j, sum(r) / n, distinct_correct(mine_texts, r), fmt))
     recs = sorted(sum(gather(recs, world), []))
-    acc = np.array([a for _, a, _ in recs])
-    return (acc, np.array([d for _, _, d in recs])) if distinct else acc
+    col = lambda c: np.array([rec[c] for rec in recs])  # noqa: E731
+    return Sampled(col(1), col(2), col(3) if has_answer else None)
 
 
 def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device, rank, world, final_path=None,
@@ -151,8 +161,14 @@ def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device
     their mean, its error bound, and p̂'s correlation with them. final_path: also write the per-prompt values there (JSON,
     atomically), which eval.py --compare plots."""
     n = cfg.eval_samples
-    acc = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, n, cfg.temperature)
+    res = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, n, cfg.temperature)
+    acc = res.acc
     out = {"eval_acc": float(acc.mean()), "eval_pass_at_k": {str(k): v for k, v in pass_at_ks(n, np.rint(acc * n)).items()}}
+    if res.formatted is not None:
+        out["eval_format_rate"] = float(res.formatted.mean())
+    if cfg.eval_greedy:
+        greedy = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, 1, 0.0)
+        out["eval_acc_greedy"] = float(greedy.acc.mean())
     p_hat = None
     if emb is not None:
         with torch.no_grad():
@@ -361,9 +377,9 @@ def main(argv):
         toks = encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix)
         lm = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         answers = [r["answer"] for r in rows]
-        acc, distinct = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples,
-                                         cfg.temperature, distinct=True)
-        greedy = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, 1, 0.0)
+        res = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples, cfg.temperature)
+        acc, distinct = res.acc, res.distinct
+        greedy = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, 1, 0.0).acc
         row = {"model": name, "sampled": float(acc.mean()), "greedy": float(greedy.mean()),
                "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()), "distinct": float(distinct.mean()),
                "pass_at_k": pass_at_ks(cfg.eval_samples, np.rint(acc * cfg.eval_samples))}

@@ -20,6 +20,7 @@
   pad == EOS (a trap of public RL code, STYLE.md).
 """
 
+import inspect
 import math
 
 import torch
@@ -134,13 +135,15 @@ def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_t
     model runs collectives in every forward, so all ranks must make the same number of calls.
     """
     B, G = prompt_ids.size(0), group_size
-    ids = prompt_ids.repeat_interleave(G, 0)  # (B*G, P)
+    pos = position_ids(prompt_mask)
+    # each prompt's prefill once, shared by its G responses; only the last position's logits (large vocabularies)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, **last_only)
+    cache, logits = out.past_key_values, out.logits[:, -1].float().repeat_interleave(G, 0)  # (B*G, V)
+    cache.batch_repeat_interleave(G)
     mask = prompt_mask.repeat_interleave(G, 0)
-    pos = position_ids(mask)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()  # (B*G, V)
-    next_pos = pos[:, -1:] + 1
-    done = torch.zeros(B * G, dtype=torch.bool, device=ids.device)
+    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
+    done = torch.zeros(B * G, dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for _ in range(max_new_tokens):
         if temperature > 0:

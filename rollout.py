@@ -74,6 +74,9 @@ def roll_and_verify(lm, tokenizer, toks, answers, verifier, chosen, step, rnd, c
     rewards, verr = verify.score(verifier, texts, [answers[j] for j in idx for _ in range(G)], cfg.verifier_workers)
     timer["verify"] += time.time() - t
     timer["verifier_errors"] += verr
+    if hasattr(verifier, "has_answer"):  # the format check of verifiers that have one: format_rate
+        timer["formatted"] = timer.get("formatted", 0) + sum(map(verifier.has_answer, texts))
+        timer["rolled"] = timer.get("rolled", 0) + len(texts)
     return Batch(idx, pid, pmask, resp, rmask, torch.tensor(rewards, device=device), pos=mine)
 
 

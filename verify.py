@@ -9,6 +9,8 @@ function the same way.
 
 - `testbed_reward`: the bundled task (testbed.py): exact match of the reversed digits of a+b.
 - `math_reward`: math answers by math-verify (boxed answer first), in a worker process with a timeout.
+- `boxed_math_reward`: the same, but only a final `\\boxed{}` answer counts (no box: 0); its
+  `has_answer` is the format check behind the `format_rate` metrics.
 - `code_reward`: runs the last fenced Python block of a response against test cases, in a sandbox
   (below). Tests come in the DeepCoder / LiveCodeBench styles: stdin/stdout
   `{"input": str, "output": str}` and function call `{"fn_name": str, "input": list, "output": any}`.
@@ -367,7 +369,21 @@ def math_reward(response: str, answer) -> float:
     return _math_worker(response, str(answer))
 
 
-VERIFIERS = {"testbed": testbed_reward, "code": code_reward, "math": math_reward}
+@total
+def boxed_math_reward(response: str, answer) -> float:
+    """1.0 iff the response's last \\boxed{} holds an answer mathematically equal to the reference
+    (math-verify); a response without a \\boxed{} answer gets 0, whatever else it says. The format the
+    prompt asks for is the format the reward checks (the smollm2_arith preset)."""
+    boxed = last_boxed(response)
+    return 0.0 if boxed is None else _math_worker(f"\\boxed{{{boxed}}}", str(answer))
+
+
+def has_boxed(response: str) -> bool:
+    return last_boxed(response) is not None
+
+
+boxed_math_reward.has_answer = has_boxed  # its format check: the rollouts' and evaluation's format_rate
+VERIFIERS = {"testbed": testbed_reward, "code": code_reward, "math": math_reward, "math_boxed": boxed_math_reward}
 
 
 def check_answer(verifier: str, answer):
