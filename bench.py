@@ -2,6 +2,8 @@
 
     python bench.py                                  # CPU: a testbed-shaped model, float32
     python bench.py --shape=qwen2.5-1.5b             # GPU: a Qwen2.5-1.5B-shaped model from its config, bf16
+    python bench.py --shape=smollm2-135m --prompts=8 --prompt_len=70 --response_len=64 --micro_batch=16 --logit_chunk=16
+                                                     # CPU: the smollm2_arith preset's step
 
 No download: the model is built from a config with random weights (speed does not depend on the
 weights), prompts are random tokens of length --prompt_len, and every response runs to
@@ -31,6 +33,7 @@ SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
     "testbed": (96, 192, 3, 4, 4, 15),
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),  # the smollm2_arith preset's model (Llama architecture)
 }
 PEAKS = {  # dense bf16 FLOP/s and memory bandwidth in B/s, from the vendors' data sheets
     "H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12), "A6000": (155e12, 0.77e12),
@@ -50,16 +53,18 @@ class Bench:
     steps: int = 3  # timed steps (after one warm-up step)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     grad_ckpt: bool = False  # gradient checkpointing in the update
+    logit_chunk: int = 0  # response positions per output-head chunk (large vocabularies); 0 = all
 
 
 def build(b: Bench, device, dtype):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     h, inter, layers, heads, kv, vocab = SHAPES[b.shape]
-    cfg = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+    Config_, Model = (LlamaConfig, LlamaForCausalLM) if b.shape.startswith("smollm2") else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = Config_(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=b.prompt_len + b.response_len + 8,
                       tie_word_embeddings=b.shape != "qwen2.5-7b")
-    lm = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype)
+    lm = Model(cfg).to(device=device, dtype=dtype)
     if b.grad_ckpt:
         lm.gradient_checkpointing_enable()
     return lm
@@ -84,7 +89,7 @@ def main(argv):
     n_params = sum(p.numel() for p in lm.parameters())
     H, vocab = lm.config.hidden_size, lm.config.vocab_size
     cfg = Config(group_size=b.group_size, max_new_tokens=b.response_len, rollout_batch=b.rollout_batch,
-                       micro_batch=b.micro_batch, temperature=1.0)
+                       micro_batch=b.micro_batch, logit_chunk=b.logit_chunk, temperature=1.0)
     logz = paced_rl.LogZHead(H, 256, cfg.beta, 0.5).to(device)
     policy = paced_rl.Policy(lm, logz)
     opt = torch.optim.AdamW([{"params": lm.parameters(), "lr": 1e-6}, {"params": logz.parameters(), "lr": 1e-3}])

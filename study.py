@@ -8,7 +8,9 @@ accuracy, as a ratio to GRPO's median (interpolated between evaluations; "–" w
 reaches it); the share of the oracle's savings captured, (R_GRPO − R_method) / (R_GRPO − R_oracle),
 with the oracle of the same loss (GRPO's for the GRPO-loss methods, the TB oracle for the TB ones);
 the selection quality (mean over steps of the expected all-equal share among the chosen prompts, and
-of the Pearson r between prediction and exact accuracy over the pool); and the step time.
+of the Pearson r between prediction and exact accuracy over the pool); and the step time. A directory
+named <regime>_<variant> (high_pool1024, high_zphi) is measured against <regime>'s GRPO and oracles
+where it has none of its own.
 """
 
 import os
@@ -48,7 +50,7 @@ def summarize_regime(runs: dict) -> dict:
     r_grpo = _median_reached(per["grpo"]["reach"])
     for m, f in per.items():
         f["ratio"] = [None if r is None or not r_grpo else r / r_grpo for r in f["reach"]]
-        oracle = per.get(ORACLE_OF.get(m, ""))
+        oracle = per.get(ORACLE_OF.get(m, "grpo_oracle" if m.startswith("grpo") else "tb_oracle"))
         r_m, r_o = _median_reached(f["reach"]), _median_reached(oracle["reach"]) if oracle else None
         f["savings_share"] = (r_grpo - r_m) / (r_grpo - r_o) if None not in (r_grpo, r_m, r_o) and r_grpo != r_o else None
     return per
@@ -77,6 +79,10 @@ def table(root: str) -> tuple:
         runs = eval_lib.load_runs(os.path.join(root, regime))
         if not runs:
             continue
+        base = regime.split("_")[0]  # a variant of a regime (high_pool1024, high_zphi) is measured against its GRPO
+        if base != regime and os.path.isdir(os.path.join(root, base)):
+            ref = eval_lib.load_runs(os.path.join(root, base))
+            runs = {**{m: ref[m] for m in ("grpo", "grpo_oracle", "tb_oracle") if m in ref and m not in runs}, **runs}
         per = data[regime] = summarize_regime(runs)
         share = _stat([x for f in per.values() for x in f["uniform_equal"]], "{:.2f}")
         out += [f"\n### Regime `{regime}` (all-equal share of the pool under uniform sampling, over the run: {share})\n",

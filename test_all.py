@@ -1325,7 +1325,10 @@ def test_study_table_on_hand_made_runs(tmp_path):
         run("high", f"grpo_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
         run("high", f"tb_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
         run("high", f"paced_s{s}", [0.5, 0.55, 0.65, 0.7, 0.7] if s < 2 else [0.5, 0.5, 0.5, 0.5, 0.5])
+        run("high_pool1024", f"paced_greedy_s{s}", [0.5, 0.7, 0.7, 0.7, 0.7])  # a variant: high's GRPO and oracle
     md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
+    assert data["high_pool1024"]["paced_greedy"]["ratio"] == [0.25, 0.25, 0.25]  # 100 of high's GRPO's 400
+    assert data["high_pool1024"]["paced_greedy"]["savings_share"] == pytest.approx(1.5)  # (400 − 100) / (400 − 200)
     per = data["high"]
     assert per["grpo"]["ratio"] == [1.0, 1.0, 1.0]
     assert per["grpo_oracle"]["ratio"] == [0.5, 0.5, 0.5]  # 200 of GRPO's 400 rollouts
