@@ -1609,7 +1609,6 @@ def test_shared_prefill_generates_what_a_repeated_prompt_does(tiny):
 @pytest.fixture(scope="module")
 def smol_dir(tmp_path_factory):
     """The real model converted from the installed wheel (about half a minute), and the task."""
-    pytest.importorskip("gguf")
     smollm2.gguf_path()  # an error that names the install command where the wheel is missing
     return smollm2.ensure(str(tmp_path_factory.mktemp("smol")), log=lambda *a: None)
 
