@@ -962,6 +962,8 @@ def test_math_reward_malformed_and_hanging_input():
         r, err = verify.score(verify.math_reward, [bad], ["1/2"])
         assert r == [0.0]
     assert verify.last_boxed("\\boxed{\\frac{1}{2}") is None and verify.last_boxed("a \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    for fn in (verify.math_reward, verify.boxed_math_reward):  # a reference that does not parse: 0, and counted
+        assert verify.score(fn, ["\\boxed{3}", "\\boxed{4}"], ["$$", "4"]) == ([0.0, 1.0], 1)
     worker = verify.TimeoutWorker(timeout_s=1.0)
     hang = "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}"  # sympy takes many seconds on this
     t0 = __import__("time").time()

@@ -294,7 +294,9 @@ def _math_impl(response: str, answer: str) -> float:
     gold = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=None)
     boxed = last_boxed(response)
     pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else response, parsing_timeout=None)
-    if not gold or not pred:
+    if not gold:  # the reference itself does not parse: reward 0, counted as a verifier error (score)
+        raise ValueError(f"the reference answer {answer!r:.80} does not parse")
+    if not pred:
         return 0.0
     return float(verify(gold, pred, timeout_seconds=None))  # gold first: the order matters
 
