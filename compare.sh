@@ -38,6 +38,7 @@ declare -A METHOD=(
   [tb_regress]="--algo=paced --select=regress"
   [tb_hybrid]="--algo=paced --select=hybrid"
   [tb_oracle]="--algo=paced --select=oracle"
+  [tb_hybrid_greedy]="--algo=paced --select=hybrid --explore_frac=0"
 )
 ORDER=${ONLY:-"grpo grpo_dynamic flowrl paced_select_only paced_replay_only paced"}
 mkdir -p "$OUT"

@@ -9,8 +9,14 @@ reaches it); the share of the oracle's savings captured, (R_GRPO − R_method) /
 with the oracle of the same loss (GRPO's for the GRPO-loss methods, the TB oracle for the TB ones);
 the selection quality (mean over steps of the expected all-equal share among the chosen prompts, and
 of the Pearson r between prediction and exact accuracy over the pool); and the step time. A directory
-named <regime>_<variant> (high_pool1024, high_zphi) is measured against <regime>'s GRPO and oracles
-where it has none of its own.
+named <regime>_<variant> (high_pool1024, mid_zphi) is measured against <regime>'s GRPO, oracles and
+PACED-RL where it has none of its own.
+
+Under each regime's table, the registered rule's verdicts (README): A beats B when A's whole seed range of
+the rollout ratio lies below B's, or A reaches the target in more seeds; anything else is a tie. Where
+GRPO's median final accuracy is at or below where every run starts (it lost accuracy), no run needs any
+rollouts to reach it and the ratio is undefined; the table says so and, marked post hoc, compares final
+accuracy at the same rollout budget instead (A beats B when A's lowest seed ends above B's highest).
 """
 
 import os
@@ -38,6 +44,8 @@ def summarize_regime(runs: dict) -> dict:
         steps = [[r for r in run["rows"] if "loss" in r] for run in rs]
         per[m] = {"curves": [eval_lib.eval_curve(run["rows"], KEY) for run in rs],
                   "final": [eval_lib.eval_curve(run["rows"], KEY)[-1][1] for run in rs],
+                  "start": [eval_lib.eval_curve(run["rows"], KEY)[0][1] for run in rs],
+                  "rollouts": [eval_lib.eval_curve(run["rows"], KEY)[-1][0] for run in rs],
                   "sel_equal": [_mean_of(s, "sel_equal_share") for s in steps],
                   "corr": [_mean_of(s, "sel_pred_corr_exact") for s in steps],
                   "uniform_equal": [_mean_of(s, "pool_equal_share") for s in steps],
@@ -45,6 +53,7 @@ def summarize_regime(runs: dict) -> dict:
     if "grpo" not in per:
         return per
     target = float(np.median(per["grpo"]["final"]))
+    per["grpo"]["target"] = target
     for f in per.values():
         f["reach"] = [eval_lib.rollouts_to_reach(c, target) for c in f["curves"]]
     r_grpo = _median_reached(per["grpo"]["reach"])
@@ -54,6 +63,39 @@ def summarize_regime(runs: dict) -> dict:
         r_m, r_o = _median_reached(f["reach"]), _median_reached(oracle["reach"]) if oracle else None
         f["savings_share"] = (r_grpo - r_m) / (r_grpo - r_o) if None not in (r_grpo, r_m, r_o) and r_grpo != r_o else None
     return per
+
+
+def beats(a: dict, b: dict) -> bool:
+    """The registered rule: a's seed range of the rollout ratio lies wholly below b's (a seed that never
+    reaches the target counts as beyond every ratio), or a reaches the target in more seeds."""
+    ra, rb = ([np.inf if x is None else x for x in f["ratio"]] for f in (a, b))
+    return bool(max(ra) < min(rb) or sum(np.isfinite(ra)) > sum(np.isfinite(rb)))
+
+
+def beats_final(a: dict, b: dict) -> bool:
+    """Post hoc, where the ratio is undefined: a's lowest seed ends above b's highest."""
+    return bool(min(a["final"]) > max(b["final"]))
+
+
+def verdicts(per: dict) -> list:
+    """Markdown lines: each method against GRPO and against PACED-RL, by the rule (or post hoc by final
+    accuracy where GRPO's target needs no rollouts)."""
+    if "grpo" not in per:
+        return []
+    ratio_defined = any(x is not None for x in per["grpo"]["ratio"])
+    better = beats if ratio_defined else beats_final
+    how = "the registered rule, rollout ratio" if ratio_defined else "post hoc: final exact accuracy at the same budget"
+    lines = []
+    for ref in ("grpo", "paced"):
+        if ref not in per:
+            continue
+        groups = {"beats": [], "ties with": [], "loses to": []}
+        for m in per:
+            if m != ref:
+                key = "beats" if better(per[m], per[ref]) else "loses to" if better(per[ref], per[m]) else "ties with"
+                groups[key].append(f"`{m}`")
+        lines.append(f"- Against `{ref}` ({how}): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
+    return lines
 
 
 def _median_reached(reach):
@@ -82,35 +124,55 @@ def table(root: str) -> tuple:
         base = regime.split("_")[0]  # a variant of a regime (high_pool1024, high_zphi) is measured against its GRPO
         if base != regime and os.path.isdir(os.path.join(root, base)):
             ref = eval_lib.load_runs(os.path.join(root, base))
-            runs = {**{m: ref[m] for m in ("grpo", "grpo_oracle", "tb_oracle") if m in ref and m not in runs}, **runs}
+            runs = {**{m: ref[m] for m in ("grpo", "grpo_oracle", "tb_oracle", "paced") if m in ref and m not in runs}, **runs}
         per = data[regime] = summarize_regime(runs)
         share = _stat([x for f in per.values() for x in f["uniform_equal"]], "{:.2f}")
-        out += [f"\n### Regime `{regime}` (all-equal share of the pool under uniform sampling, over the run: {share})\n",
-                "| method | final exact acc | rollouts to GRPO's final, ÷ GRPO's | share of the oracle's savings | "
-                "all-equal share of chosen | r(prediction, exact) over the pool | step s |", "|---" * 7 + "|"]
+        out.append(f"\n### Regime `{regime}` (all-equal share of the pool under uniform sampling, over the run: {share})\n")
+        if "grpo" in per:
+            g = per["grpo"]
+            out.append(f"Target: GRPO's median final exact accuracy {g['target']:.3f} (start: {np.median(g['start']):.3f}).")
+            if not any(x is not None for x in g["ratio"]):
+                out.append("GRPO ends at or below where every run starts, so reaching its final accuracy takes no "
+                           "rollouts and the rollout ratio is undefined here (\"–\"); the verdicts below compare final "
+                           "exact accuracy at the same budget instead (post hoc).")
+            out.append("")
+        out += ["| method | final exact acc | rollouts used | rollouts to GRPO's final, ÷ GRPO's | share of the oracle's savings | "
+                "all-equal share of chosen | r(prediction, exact) over the pool | step s |", "|---" * 8 + "|"]
         for m in sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99):
             f = per[m]
             sv = f.get("savings_share")
-            out.append(f"| `{m}` | {_stat(f['final'])} | {_stat(f.get('ratio', []), '{:.2f}')} | "
+            out.append(f"| `{m}` | {_stat(f['final'])} | {_stat(f['rollouts'], '{:,.0f}')} | {_stat(f.get('ratio', []), '{:.2f}')} | "
                        f"{'–' if sv is None else f'{sv:.2f}'} | {_stat(f['sel_equal'], '{:.2f}')} | "
                        f"{_stat(f['corr'], '{:.2f}')} | {_stat(f['step_s'], '{:.3f}')} |")
+        out += [""] + verdicts(per)
     return "\n".join(out) + "\n", data
 
 
 def plot(data: dict, path: str):
-    """Median rollout ratio to GRPO against the regime's uninformative share, one line per method."""
+    """Against each regime's uninformative share, one line per method: (left) the median rollout ratio to
+    GRPO, where it is defined; (right) the median final exact accuracy minus GRPO's, at the same budget
+    (dynamic sampling spends more)."""
     plt = eval_lib._pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    regimes = [r for r in data if "pool" not in r]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    regimes = [r for r in data if "_" not in r and "grpo" in data[r]]  # the regimes, not their variants
     xs = {r: np.median([x for f in data[r].values() for x in f["uniform_equal"] if x is not None]) for r in regimes}
     for m in ORACLE_OF:
+        style = dict(marker="o", label=m, linestyle="--" if m.startswith("grpo") else "-")
         pts = sorted((xs[r], np.median([x for x in data[r][m]["ratio"] if x is not None]))
                      for r in regimes if m in data[r] and any(x is not None for x in data[r][m].get("ratio", [])))
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m.startswith("grpo") else "-")
+            ax.plot(*zip(*pts), **style)
+        gain = sorted((xs[r], np.median(data[r][m]["final"]) - data[r]["grpo"]["target"]) for r in regimes if m in data[r])
+        if gain:
+            bx.plot(*zip(*gain), **style)
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("share of all-equal groups under uniform sampling (regime)")
+    bx.axhline(0.0, color="grey", linewidth=0.8)
+    for a in (ax, bx):
+        a.set_xlabel("share of all-equal groups under uniform sampling (regime)")
     ax.set_ylabel("rollouts to GRPO's final accuracy ÷ GRPO's")
+    ax.set_title("rollout ratio (undefined where GRPO ends below its start)", fontsize=9)
+    bx.set_ylabel("final exact accuracy − GRPO's")
+    bx.set_title("final accuracy after the same 250 steps", fontsize=9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
     else:  # no method reached GRPO's final accuracy from below: nothing to draw yet

@@ -4,7 +4,7 @@
 # TB + regress, TB + hybrid, TB + oracle} × 3 seeds, on the bundled testbed; then results/study_table.md
 # and results/study_savings.png.
 #   bash study.sh                                   # the whole study
-#   REGIMES="high" SEEDS="0" bash study.sh --max_steps=50   # a part of it; extra arguments go to every run
+#   REGIMES="high" SEEDS="0" NO_ZPHI=1 bash study.sh --max_steps=50   # a part of it; extra arguments go to every run
 # Runs go through compare.sh (its METHOD table), so a finished run is skipped and an interrupted one
 # resumed: the script can be re-run after a stop.
 set -euo pipefail
@@ -18,4 +18,12 @@ for r in ${REGIMES:-base mid high}; do
 done
 # the effect of the pool: the high regime with 4 × its pool, for the oracle and PACED-RL
 ONLY="tb_oracle paced" OUT="$ROOT/high_pool1024" bash compare.sh --regime=high --pool_size=1024 --exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8 "$@"
+# issue item 7, can Z_φ be fixed within the method's spirit: the paper's greedy rule (no exploration
+# slots), the hybrid prior without exploration, and the last prompt token's state among the features;
+# in the two regimes where scheduling has something to gain
+if [ -z "${NO_ZPHI:-}" ]; then
+  for r in mid high; do
+    ONLY="paced_greedy tb_hybrid_greedy paced_mean_last" OUT="$ROOT/${r}_zphi" bash compare.sh --regime="$r" --pool_size="${POOL[$r]}" --exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8 "$@"
+  done
+fi
 $PY study.py --root="$ROOT" --out="${OUT:-results}"

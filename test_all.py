@@ -1336,7 +1336,37 @@ def test_study_table_on_hand_made_runs(tmp_path):
     assert per["grpo_oracle"]["ratio"] == [0.5, 0.5, 0.5]  # 200 of GRPO's 400 rollouts
     assert per["paced"]["ratio"] == [0.75, 0.75, None]  # seed 2 never reaches 0.7
     assert per["paced"]["savings_share"] == pytest.approx(0.5)  # (400 − 300) / (400 − 200)
-    assert "| `paced` | 0.700 [0.500, 0.700] | 0.75 [0.75, 0.75] (1 of 3 seeds: not reached) | 0.50 |" in md
+    assert "| `paced` | 0.700 [0.500, 0.700] | 400 [400, 400] | 0.75 [0.75, 0.75] (1 of 3 seeds: not reached) | 0.50 |" in md
+    # the rule: the oracle's ratios lie below GRPO's; PACED-RL reaches the target in fewer seeds than GRPO
+    assert "- Against `grpo` (the registered rule, rollout ratio): beats: `grpo_oracle`, `tb_oracle`; loses to: `paced`." in md
+    assert study.beats(per["paced"], per["grpo"]) is False and study.beats(per["grpo"], per["paced"]) is True
+    assert study.beats(per["tb_oracle"], per["grpo_oracle"]) is False  # equal ranges: a tie both ways
+    assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
+
+
+def test_study_table_where_grpo_ends_below_its_start(tmp_path):
+    """GRPO loses accuracy (0.6 → 0.5): its final needs no rollouts, the ratio is undefined, the verdicts
+    compare final accuracy (post hoc), and the plot still draws the accuracy panel."""
+    import study
+
+    for s in range(3):
+        for name, accs in (("grpo", [0.6, 0.55, 0.5]), ("grpo_oracle", [0.6, 0.65, 0.70 + s / 100]),
+                           ("paced", [0.6, 0.6, 0.48 + s / 10])):  # paced ends at 0.48 / 0.58 / 0.68
+            d = tmp_path / "high" / f"{name}_s{s}"
+            d.mkdir(parents=True)
+            rows = [{"step": i, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (i + 1), "loss": 0.0, "step_s": 0.1,
+                     "pool_equal_share": 0.8} for i, a in enumerate(accs[:-1])]
+            rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc_exact": accs[-1]})
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
+            (d / "config.json").write_text("{}")
+    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
+    per = data["high"]
+    assert all(x is None for f in per.values() for x in f["ratio"])
+    assert "Target: GRPO's median final exact accuracy 0.500 (start: 0.600)." in md and "rollout ratio is undefined" in md
+    assert "- Against `grpo` (post hoc: final exact accuracy at the same budget): beats: `grpo_oracle`; ties with: `paced`." in md
+    assert "- Against `paced` (post hoc: final exact accuracy at the same budget): beats: `grpo_oracle`; ties with: `grpo`." in md
+    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
     assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
 
 
