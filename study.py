@@ -68,8 +68,19 @@ def summarize_regime(runs: dict) -> dict:
 def beats(a: dict, b: dict) -> bool:
     """The registered rule: a's seed range of the rollout ratio lies wholly below b's (a seed that never
     reaches the target counts as beyond every ratio), or a reaches the target in more seeds."""
-    ra, rb = ([np.inf if x is None else x for x in f["ratio"]] for f in (a, b))
-    return bool(max(ra) < min(rb) or sum(np.isfinite(ra)) > sum(np.isfinite(rb)))
+    return bool(_below(a, b) or _more_seeds(a, b))
+
+
+def _ratios(f):
+    return [np.inf if x is None else x for x in f["ratio"]]
+
+
+def _below(a, b):
+    return max(_ratios(a)) < min(_ratios(b))
+
+
+def _more_seeds(a, b):
+    return sum(np.isfinite(_ratios(a))) > sum(np.isfinite(_ratios(b)))
 
 
 def beats_final(a: dict, b: dict) -> bool:
@@ -93,8 +104,16 @@ def verdicts(per: dict) -> list:
         for m in per:
             if m != ref:
                 key = "beats" if better(per[m], per[ref]) else "loses to" if better(per[ref], per[m]) else "ties with"
-                groups[key].append(f"`{m}`")
+                a, b = (per[m], per[ref]) if key == "beats" else (per[ref], per[m])
+                fa, fb = ([x for x in _ratios(f) if np.isfinite(x)] for f in (a, b))
+                # won by the second clause alone, though the loser's fastest seed was faster than the winner's
+                seeds_only = ratio_defined and key != "ties with" and not _below(a, b) and bool(fb) and min(fb) < min(fa)
+                groups[key].append(f"`{m}`" + ("†" if seeds_only else ""))
         lines.append(f"- Against `{ref}` ({how}): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
+    if any("†" in line for line in lines):
+        lines.append("- † by the rule's second clause alone (the winner reaches the target in more seeds), though the "
+                     "loser's fastest seed reached it with fewer rollouts: the winner ends higher but pays more "
+                     "rollouts per point of accuracy.")
     return lines
 
 
