@@ -8,7 +8,8 @@ accuracy, as a ratio to GRPO's median (interpolated between evaluations; "–" w
 reaches it); the share of the oracle's savings captured, (R_GRPO − R_method) / (R_GRPO − R_oracle),
 with the oracle of the same loss (GRPO's for the GRPO-loss methods, the TB oracle for the TB ones);
 the selection quality (mean over steps of the expected all-equal share among the chosen prompts, and
-of the Pearson r between prediction and exact accuracy over the pool); and the step time. A directory
+of the Pearson r between prediction and exact accuracy over the pool); the step time; and, on the
+testbed, the final exact accuracy by difficulty bucket (the longer operand's digits). A directory
 named <regime>_<variant> (high_pool1024, mid_zphi) is measured against <regime>'s GRPO, oracles and
 PACED-RL where it has none of its own.
 
@@ -19,7 +20,9 @@ rollouts to reach it and the ratio is undefined; the table says so and, marked p
 accuracy at the same rollout budget instead (A beats B when A's lowest seed ends above B's highest).
 """
 
+import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -30,6 +33,29 @@ ORACLE_OF = {"grpo": "grpo_oracle", "grpo_dynamic": "grpo_oracle", "grpo_history
              "paced": "tb_oracle", "tb_history": "tb_oracle", "tb_regress": "tb_oracle", "tb_hybrid": "tb_oracle",
              "tb_oracle": "tb_oracle"}
 KEY = "eval_acc_exact"
+
+
+_PROMPTS = {}
+
+
+def digits_of(prompt: str):
+    """The testbed's difficulty bucket of "a+b=": the digits of the longer operand (None for other prompts)."""
+    m = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    return max(len(m.group(1)), len(m.group(2))) if m else None
+
+
+def by_digits(run) -> dict:
+    """{digits: mean final exact accuracy} over the run's held-out prompts, by bucket; {} where unknown."""
+    path, acc = run["config"].get("eval_data"), run["final"].get("acc_exact")
+    if not path or acc is None or not os.path.exists(path):
+        return {}
+    if path not in _PROMPTS:
+        with open(path) as f:
+            _PROMPTS[path] = [digits_of(json.loads(line)["prompt"]) for line in f if line.strip()]
+    d = _PROMPTS[path]
+    if len(d) != len(acc) or None in d:
+        return {}
+    return {k: float(np.mean([a for a, x in zip(acc, d) if x == k])) for k in sorted(set(d))}
 
 
 def _mean_of(rows, k):
@@ -45,6 +71,7 @@ def summarize_regime(runs: dict) -> dict:
         per[m] = {"curves": [eval_lib.eval_curve(run["rows"], KEY) for run in rs],
                   "final": [eval_lib.eval_curve(run["rows"], KEY)[-1][1] for run in rs],
                   "start": [eval_lib.eval_curve(run["rows"], KEY)[0][1] for run in rs],
+                  "by_digits": [by_digits(run) for run in rs],
                   "rollouts": [eval_lib.eval_curve(run["rows"], KEY)[-1][0] for run in rs],
                   "sel_equal": [_mean_of(s, "sel_equal_share") for s in steps],
                   "corr": [_mean_of(s, "sel_pred_corr_exact") for s in steps],
@@ -164,6 +191,14 @@ def table(root: str) -> tuple:
                        f"{'–' if sv is None else f'{sv:.2f}'} | {_stat(f['sel_equal'], '{:.2f}')} | "
                        f"{_stat(f['corr'], '{:.2f}')} | {_stat(f['step_s'], '{:.3f}')} |")
         out += [""] + verdicts(per)
+        buckets = sorted({k for f in per.values() for b in f["by_digits"] for k in b})
+        if buckets:
+            out += ["", "Final exact accuracy by the longer operand's digits (median over seeds; held-out prompts):", "",
+                    "| method | " + " | ".join(f"{k}-digit" for k in buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
+            for m in sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99):
+                cells = [np.median([b[k] for b in per[m]["by_digits"] if k in b]) if any(k in b for b in per[m]["by_digits"]) else None
+                         for k in buckets]
+                out.append(f"| `{m}` | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(out) + "\n", data
 
 

@@ -1344,6 +1344,19 @@ def test_study_table_on_hand_made_runs(tmp_path):
     assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
 
 
+def test_study_accuracy_by_difficulty_bucket(tmp_path):
+    import study
+
+    assert study.digits_of("7+345=") == 3 and study.digits_of("12+3=") == 2 and study.digits_of("What is 2+2?") is None
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps({"prompt": p, "answer": "0"}) + "\n" for p in ("1+2=", "10+2=", "3+4=", "99+1=")))
+    run = {"config": {"eval_data": str(held)}, "final": {"acc_exact": [1.0, 0.2, 0.5, 0.4]}}
+    assert study.by_digits(run) == {1: pytest.approx(0.75), 2: pytest.approx(0.3)}
+    assert study.by_digits({"config": {}, "final": {"acc_exact": [1.0]}}) == {}  # no held-out file: no buckets
+    run["final"]["acc_exact"] = [1.0]  # a held-out file that does not match the run's prompts
+    assert study.by_digits(run) == {}
+
+
 def test_study_table_where_grpo_ends_below_its_start(tmp_path):
     """GRPO loses accuracy (0.6 → 0.5): its final needs no rollouts, the ratio is undefined, the verdicts
     compare final accuracy (post hoc), and the plot still draws the accuracy panel."""
