@@ -72,6 +72,7 @@ def summarize_regime(runs: dict) -> dict:
                   "final": [eval_lib.eval_curve(run["rows"], KEY)[-1][1] for run in rs],
                   "start": [eval_lib.eval_curve(run["rows"], KEY)[0][1] for run in rs],
                   "by_digits": [by_digits(run) for run in rs],
+                  "pool": [run["config"].get("pool_size") for run in rs],
                   "rollouts": [eval_lib.eval_curve(run["rows"], KEY)[-1][0] for run in rs],
                   "sel_equal": [_mean_of(s, "sel_equal_share") for s in steps],
                   "corr": [_mean_of(s, "sel_pred_corr_exact") for s in steps],
@@ -236,10 +237,45 @@ def plot(data: dict, path: str):
     plt.close(fig)
 
 
+PREDICTORS = ("paced", "grpo_history", "tb_history", "tb_regress", "tb_hybrid")  # the selectors that predict (no oracle)
+
+
+def headline(data: dict) -> str:
+    """One row per regime: what the oracle saves, what PACED-RL and the best other predictor capture of it."""
+    def ratio(f):
+        v = [x for x in f["ratio"] if x is not None]
+        return f"{np.median(v):.2f}" if v else "not reached" if defined else "undefined"
+
+    def share(f):
+        return "–" if f.get("savings_share") is None else f"{f['savings_share']:.2f}"
+
+    rows = ["| regime | all-equal share, uniform | pool | oracle: ratio, GRPO loss / TB loss | PACED-RL: ratio (share of "
+            "the oracle's savings) | best other predictor: ratio (share) | final exact acc: GRPO / PACED-RL / best "
+            "predictor / TB oracle |", "|---" * 7 + "|"]
+    for r, per in data.items():
+        if not all(m in per for m in ("grpo", "grpo_oracle", "tb_oracle", "paced")):
+            continue
+        defined = any(x is not None for x in per["grpo"]["ratio"])  # GRPO's target needs rollouts to reach
+        others = [m for m in PREDICTORS if m in per and m != "paced"]
+        if not others:
+            continue
+        key = (lambda m: np.median([x for x in per[m]["ratio"] if x is not None])
+               if any(x is not None for x in per[m]["ratio"]) else np.inf)
+        best = min(others, key=key) if np.isfinite(min(key(m) for m in others)) else max(others, key=lambda m: np.median(per[m]["final"]))
+        pool = {run_pool for run_pool in per["paced"].get("pool", [])}
+        eq = np.median([x for f in per.values() for x in f["uniform_equal"] if x is not None])
+        fin = " / ".join(f"{np.median(per[m]['final']):.3f}" for m in ("grpo", "paced", best, "tb_oracle"))
+        rows.append(f"| `{r}` | {eq:.2f} | {', '.join(map(str, sorted(pool))) or '?'} | {ratio(per['grpo_oracle'])} / "
+                    f"{ratio(per['tb_oracle'])} | {ratio(per['paced'])} ({share(per['paced'])}) | `{best}`: "
+                    f"{ratio(per[best])} ({share(per[best])}) | {fin} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv):
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     root, out = args.get("root", "runs/study"), args.get("out", "results")
     md, data = table(root)
+    md = "## Summary\n\n" + headline(data) + "\n## Per regime\n" + md
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "study_table.md"), "w") as f:
         f.write(md)

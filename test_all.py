@@ -1344,6 +1344,22 @@ def test_study_table_on_hand_made_runs(tmp_path):
     assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
 
 
+def test_study_headline_names_the_oracle_paced_and_the_best_predictor():
+    import study
+
+    def f(ratio, final, share=None):
+        return {"ratio": ratio, "final": final, "savings_share": share, "uniform_equal": [0.6], "pool": [128]}
+
+    data = {"mid": {"grpo": f([1.0, 1.0, None], [0.6, 0.6, 0.59]), "grpo_oracle": f([0.5, 0.4, 0.45], [0.7] * 3, 1.0),
+                    "tb_oracle": f([0.5] * 3, [0.7] * 3, 1.0), "paced": f([0.8, 0.9, None], [0.62] * 3, 0.3),
+                    "tb_history": f([0.7] * 3, [0.63] * 3, 0.55), "tb_regress": f([None] * 3, [0.58] * 3)},
+            "high": {"grpo": f([None] * 3, [0.5] * 3), "grpo_oracle": f([None] * 3, [0.7] * 3), "tb_oracle": f([None] * 3, [0.72] * 3),
+                     "paced": f([None] * 3, [0.58] * 3), "tb_regress": f([None] * 3, [0.56] * 3), "tb_hybrid": f([None] * 3, [0.6] * 3)}}
+    md = study.headline(data)
+    assert "| `mid` | 0.60 | 128 | 0.45 / 0.50 | 0.85 (0.30) | `tb_history`: 0.70 (0.55) | 0.600 / 0.620 / 0.630 / 0.700 |" in md
+    assert "| `high` | 0.60 | 128 | undefined / undefined | undefined (–) | `tb_hybrid`: undefined (–) | 0.500 / 0.580 / 0.600 / 0.720 |" in md
+
+
 def test_study_accuracy_by_difficulty_bucket(tmp_path):
     import study
 
