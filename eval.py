@@ -276,6 +276,11 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     head = ["method", "seeds", "final pass@1", "final pass@8"]
     head += [f"rollouts to {t}'s {final_acc[t]:.3f}" for t in targets]
     head += ["step time (s)", "p̂ corr (held-out)", "mean abs(p̂ − a)"]
+    # a real model's columns (the smollm2 preset): greedy accuracy and the answer format, start → final; β·KL
+    real = [k for k in ("eval_acc_greedy", "eval_format_rate") if all(k in r["rows"][-1] for rs in runs.values() for r in rs)]
+    if real:
+        head += ["pass@1 at step 0"] + [{"eval_acc_greedy": "greedy acc, step 0 → final",
+                                         "eval_format_rate": "format rate, step 0 → final"}[k] for k in real] + ["mean β·KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m, rs in runs.items():
         finals = [r["rows"][-1] for r in rs]
@@ -287,6 +292,12 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
         corr = [f.get("eval_acc_est_corr") for f in finals]
         err = [f.get("eval_acc_est_abs_err") for f in finals]
         cells += [_stat(corr, "{:.2f}") if None not in corr else "–", _stat(err) if None not in err else "–"]
+        if real:
+            first = [next(x for x in r["rows"] if "eval_pass_at_k" in x) for r in rs]
+            cells.append(_stat([f["eval_pass_at_k"]["1"] for f in first]))
+            cells += [f"{_stat([f.get(k) for f in first])} → {_stat([f[k] for f in finals])}" for k in real]
+            kl = [np.mean(v) for r in rs if (v := [x["beta_kl"] for x in r["rows"] if x.get("beta_kl") is not None])]
+            cells.append(_stat([float(x) for x in kl], "{:.1e}") if kl else "–")
         lines.append("| " + " | ".join(cells) + " |")
     if focus in runs:
         lines.append("")

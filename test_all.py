@@ -1446,6 +1446,27 @@ def test_compare_ratios_on_hand_made_runs(tmp_path):
     assert "| 0.600 [0.500, 0.700] |" in grpo_row and "250 [200, not reached by 1]" in grpo_row
 
 
+def test_compare_table_has_a_real_models_columns(tmp_path):
+    """Runs that log greedy accuracy and the answer format (the smollm2 preset) get them, step 0 → final, and β·KL."""
+    import eval as eval_lib
+
+    for s in range(2):
+        fake_run(tmp_path, f"paced_s{s}", [0.2, 0.3, 0.4 + s / 10])
+        path = tmp_path / f"paced_s{s}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.update(eval_acc_greedy=r["eval_acc"] + 0.1, eval_format_rate=0.5 + r["step"] / 10, beta_kl=1e-3 * (s + 1))
+        rows[-1]["beta_kl"] = None  # the final evaluation row has no update
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = eval_lib.compare(str(tmp_path), str(tmp_path / "out"))
+    head, _, row = table.splitlines()[:3]
+    assert head.endswith("| pass@1 at step 0 | greedy acc, step 0 → final | format rate, step 0 → final | mean β·KL |")
+    assert row.endswith("| 0.200 [0.200, 0.200] | 0.300 [0.300, 0.300] → 0.550 [0.500, 0.600] | "
+                        "0.500 [0.500, 0.500] → 0.700 [0.700, 0.700] | 1.5e-03 [1.0e-03, 2.0e-03] |")
+    fake_run(tmp_path, "grpo_s0", [0.2, 0.3, 0.4])  # a run without those metrics: no such columns for anyone
+    assert "greedy acc" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))
+
+
 def test_compare_table_and_plots(algo_runs, tmp_path):
     import eval as eval_lib
 
