@@ -128,16 +128,16 @@ def verdicts(per: dict) -> list:
     for ref in ("grpo", "paced"):
         if ref not in per:
             continue
-        groups = {"beats": [], "ties with": [], "loses to": []}
+        groups = {"better": [], "tie": [], "worse": []}
         for m in per:
             if m != ref:
-                key = "beats" if better(per[m], per[ref]) else "loses to" if better(per[ref], per[m]) else "ties with"
-                a, b = (per[m], per[ref]) if key == "beats" else (per[ref], per[m])
+                key = "better" if better(per[m], per[ref]) else "worse" if better(per[ref], per[m]) else "tie"
+                a, b = (per[m], per[ref]) if key == "better" else (per[ref], per[m])
                 fa, fb = ([x for x in _ratios(f) if np.isfinite(x)] for f in (a, b))
                 # won by the second clause alone, though the loser's fastest seed was faster than the winner's
-                seeds_only = ratio_defined and key != "ties with" and not _below(a, b) and bool(fb) and min(fb) < min(fa)
+                seeds_only = ratio_defined and key != "tie" and not _below(a, b) and bool(fb) and min(fb) < min(fa)
                 groups[key].append(f"`{m}`" + ("†" if seeds_only else ""))
-        lines.append(f"- Against `{ref}` ({how}): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
+        lines.append(f"- Each method against `{ref}` ({how}): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
     if any("†" in line for line in lines):
         lines.append("- † by the rule's second clause alone (the winner reaches the target in more seeds), though the "
                      "loser's fastest seed reached it with fewer rollouts: the winner ends higher but pays more "

@@ -1338,7 +1338,7 @@ def test_study_table_on_hand_made_runs(tmp_path):
     assert per["paced"]["savings_share"] == pytest.approx(0.5)  # (400 − 300) / (400 − 200)
     assert "| `paced` | 0.700 [0.500, 0.700] | 400 [400, 400] | 0.75 [0.75, 0.75] (1 of 3 seeds: not reached) | 0.50 |" in md
     # the rule: the oracle's ratios lie below GRPO's; PACED-RL reaches the target in fewer seeds than GRPO
-    assert "- Against `grpo` (the registered rule, rollout ratio): beats: `grpo_oracle`, `tb_oracle`; loses to: `paced`†." in md  # † paced's 0.75 beat GRPO's 1.0
+    assert "- Each method against `grpo` (the registered rule, rollout ratio): better: `grpo_oracle`, `tb_oracle`; worse: `paced`†." in md  # † paced's 0.75 beat GRPO's 1.0
     assert study.beats(per["paced"], per["grpo"]) is False and study.beats(per["grpo"], per["paced"]) is True
     assert study.beats(per["tb_oracle"], per["grpo_oracle"]) is False  # equal ranges: a tie both ways
     assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
@@ -1393,8 +1393,8 @@ def test_study_table_where_grpo_ends_below_its_start(tmp_path):
     per = data["high"]
     assert all(x is None for f in per.values() for x in f["ratio"])
     assert "Target: GRPO's median final exact accuracy 0.500 (start: 0.600)." in md and "rollout ratio is undefined" in md
-    assert "- Against `grpo` (post hoc: final exact accuracy at the same budget): beats: `grpo_oracle`; ties with: `paced`." in md
-    assert "- Against `paced` (post hoc: final exact accuracy at the same budget): beats: `grpo_oracle`; ties with: `grpo`." in md
+    assert "- Each method against `grpo` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `paced`." in md
+    assert "- Each method against `paced` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `grpo`." in md
     assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
     assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
 
