@@ -11,7 +11,8 @@ the selection quality (mean over steps of the expected all-equal share among the
 of the Pearson r between prediction and exact accuracy over the pool); the step time; and, on the
 testbed, the final exact accuracy by difficulty bucket (the longer operand's digits). A directory
 named <regime>_<variant> (high_pool1024, mid_zphi) is measured against <regime>'s GRPO, oracles and
-PACED-RL where it has none of its own.
+PACED-RL where it has none of its own. A summary row per regime opens the table: the oracle's ratio,
+PACED-RL's and the best other predictor's, and the share of the oracle's savings each captures.
 
 Under each regime's table, the registered rule's verdicts (README): A beats B when A's whole seed range of
 the rollout ratio lies below B's, or A reaches the target in more seeds; anything else is a tie. Where
@@ -68,12 +69,10 @@ def summarize_regime(runs: dict) -> dict:
     per = {}
     for m, rs in runs.items():
         steps = [[r for r in run["rows"] if "loss" in r] for run in rs]
-        per[m] = {"curves": [eval_lib.eval_curve(run["rows"], KEY) for run in rs],
-                  "final": [eval_lib.eval_curve(run["rows"], KEY)[-1][1] for run in rs],
-                  "start": [eval_lib.eval_curve(run["rows"], KEY)[0][1] for run in rs],
-                  "by_digits": [by_digits(run) for run in rs],
+        curves = [eval_lib.eval_curve(run["rows"], KEY) for run in rs]  # [(rollouts, exact accuracy)]
+        per[m] = {"curves": curves, "final": [c[-1][1] for c in curves], "start": [c[0][1] for c in curves],
+                  "rollouts": [c[-1][0] for c in curves], "by_digits": [by_digits(run) for run in rs],
                   "pool": [run["config"].get("pool_size") for run in rs],
-                  "rollouts": [eval_lib.eval_curve(run["rows"], KEY)[-1][0] for run in rs],
                   "sel_equal": [_mean_of(s, "sel_equal_share") for s in steps],
                   "corr": [_mean_of(s, "sel_pred_corr_exact") for s in steps],
                   "uniform_equal": [_mean_of(s, "pool_equal_share") for s in steps],
@@ -103,6 +102,21 @@ def _ratios(f):
     return [np.inf if x is None else x for x in f["ratio"]]
 
 
+def _median_ratio(f):
+    """The median over the seeds that reach the target (inf where none does)."""
+    v = [x for x in f.get("ratio", []) if x is not None]
+    return float(np.median(v)) if v else np.inf
+
+
+def _ratio_defined(per) -> bool:
+    """Whether GRPO's target takes rollouts to reach (it does not where GRPO ends below its start)."""
+    return any(x is not None for x in per["grpo"]["ratio"])
+
+
+def _order(per):
+    return sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99)
+
+
 def _below(a, b):
     return max(_ratios(a)) < min(_ratios(b))
 
@@ -121,7 +135,7 @@ def verdicts(per: dict) -> list:
     accuracy where GRPO's target needs no rollouts)."""
     if "grpo" not in per:
         return []
-    ratio_defined = any(x is not None for x in per["grpo"]["ratio"])
+    ratio_defined = _ratio_defined(per)
     better = beats if ratio_defined else beats_final
     how = "the registered rule, rollout ratio" if ratio_defined else "post hoc: final exact accuracy at the same budget"
     lines = []
@@ -178,14 +192,14 @@ def table(root: str) -> tuple:
         if "grpo" in per:
             g = per["grpo"]
             out.append(f"Target: GRPO's median final exact accuracy {g['target']:.3f} (start: {np.median(g['start']):.3f}).")
-            if not any(x is not None for x in g["ratio"]):
+            if not _ratio_defined(per):
                 out.append("GRPO ends at or below where every run starts, so reaching its final accuracy takes no "
                            "rollouts and the rollout ratio is undefined here (\"–\"); the verdicts below compare final "
                            "exact accuracy at the same budget instead (post hoc).")
             out.append("")
         out += ["| method | final exact acc | rollouts used | rollouts to GRPO's final, ÷ GRPO's | share of the oracle's savings | "
                 "all-equal share of chosen | r(prediction, exact) over the pool | step s |", "|---" * 8 + "|"]
-        for m in sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99):
+        for m in _order(per):
             f = per[m]
             sv = f.get("savings_share")
             out.append(f"| `{m}` | {_stat(f['final'])} | {_stat(f['rollouts'], '{:,.0f}')} | {_stat(f.get('ratio', []), '{:.2f}')} | "
@@ -196,7 +210,7 @@ def table(root: str) -> tuple:
         if buckets:
             out += ["", "Final exact accuracy by the longer operand's digits (median over seeds; held-out prompts):", "",
                     "| method | " + " | ".join(f"{k}-digit" for k in buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
-            for m in sorted(per, key=lambda k: list(ORACLE_OF).index(k) if k in ORACLE_OF else 99):
+            for m in _order(per):
                 cells = [np.median([b[k] for b in per[m]["by_digits"] if k in b]) if any(k in b for b in per[m]["by_digits"]) else None
                          for k in buckets]
                 out.append(f"| `{m}` | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
@@ -213,8 +227,7 @@ def plot(data: dict, path: str):
     xs = {r: np.median([x for f in data[r].values() for x in f["uniform_equal"] if x is not None]) for r in regimes}
     for m in ORACLE_OF:
         style = dict(marker="o", label=m, linestyle="--" if m.startswith("grpo") else "-")
-        pts = sorted((xs[r], np.median([x for x in data[r][m]["ratio"] if x is not None]))
-                     for r in regimes if m in data[r] and any(x is not None for x in data[r][m].get("ratio", [])))
+        pts = sorted((xs[r], _median_ratio(data[r][m])) for r in regimes if m in data[r] and np.isfinite(_median_ratio(data[r][m])))
         if pts:
             ax.plot(*zip(*pts), **style)
         gain = sorted((xs[r], np.median(data[r][m]["final"]) - data[r]["grpo"]["target"]) for r in regimes if m in data[r])
@@ -243,8 +256,8 @@ PREDICTORS = ("paced", "grpo_history", "tb_history", "tb_regress", "tb_hybrid") 
 def headline(data: dict) -> str:
     """One row per regime: what the oracle saves, what PACED-RL and the best other predictor capture of it."""
     def ratio(f):
-        v = [x for x in f["ratio"] if x is not None]
-        return f"{np.median(v):.2f}" if v else "not reached" if defined else "undefined"
+        r = _median_ratio(f)
+        return f"{r:.2f}" if np.isfinite(r) else "not reached" if defined else "undefined"
 
     def share(f):
         return "–" if f.get("savings_share") is None else f"{f['savings_share']:.2f}"
@@ -255,14 +268,14 @@ def headline(data: dict) -> str:
     for r, per in data.items():
         if not all(m in per for m in ("grpo", "grpo_oracle", "tb_oracle", "paced")):
             continue
-        defined = any(x is not None for x in per["grpo"]["ratio"])  # GRPO's target needs rollouts to reach
+        defined = _ratio_defined(per)
         others = [m for m in PREDICTORS if m in per and m != "paced"]
         if not others:
             continue
-        key = (lambda m: np.median([x for x in per[m]["ratio"] if x is not None])
-               if any(x is not None for x in per[m]["ratio"]) else np.inf)
-        best = min(others, key=key) if np.isfinite(min(key(m) for m in others)) else max(others, key=lambda m: np.median(per[m]["final"]))
-        pool = {run_pool for run_pool in per["paced"].get("pool", [])}
+        best = min(others, key=lambda m: _median_ratio(per[m]))
+        if not np.isfinite(_median_ratio(per[best])):  # no ratio to rank by: the highest final accuracy
+            best = max(others, key=lambda m: np.median(per[m]["final"]))
+        pool = set(per["paced"]["pool"])
         eq = np.median([x for f in per.values() for x in f["uniform_equal"] if x is not None])
         fin = " / ".join(f"{np.median(per[m]['final']):.3f}" for m in ("grpo", "paced", best, "tb_oracle"))
         rows.append(f"| `{r}` | {eq:.2f} | {', '.join(map(str, sorted(pool))) or '?'} | {ratio(per['grpo_oracle'])} / "

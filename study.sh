@@ -18,7 +18,7 @@ for r in ${REGIMES:-base mid high}; do
 done
 # the effect of the pool: the high regime with 4 × its pool, for the oracle and PACED-RL
 ONLY="tb_oracle paced" OUT="$ROOT/high_pool1024" bash compare.sh --regime=high --pool_size=1024 --exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8 "$@"
-# issue item 7, can Z_φ be fixed within the method's spirit: the paper's greedy rule (no exploration
+# can Z_φ be fixed within the method's spirit? the paper's greedy rule (no exploration
 # slots), the hybrid prior without exploration, and the last prompt token's state among the features;
 # in the two regimes where scheduling has something to gain
 if [ -z "${NO_ZPHI:-}" ]; then
