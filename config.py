@@ -37,6 +37,8 @@ class Config:
     eval_prompt_field: str = ""  # the held-out file's prompt field, if it differs ("" = prompt_field)
     eval_answer_field: str = ""  # the held-out file's answer field, if it differs ("" = answer_field)
     prompt_suffix: str = ""  # appended to every prompt text, e.g. an instruction to box the final answer
+    shot_prompt: str = ""  # a worked example's question, shown before every prompt as an earlier chat turn ("" = none)
+    shot_response: str = ""  # its answer, in the format the verifier checks (both shot fields or neither)
     verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | math | code
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
@@ -115,9 +117,10 @@ _PAPER_MATH = dict(
 _SMOL = "testbed/" + smollm2.SUBDIR
 PRESETS = {
     "smollm2_arith": dict(model=_SMOL + "/model", train_data=_SMOL + "/train.jsonl", eval_data=_SMOL + "/heldout.jsonl",
-                          verifier="math_boxed", prompt_suffix=smollm2.SUFFIX, max_new_tokens=64, prompts_per_step=8,
+                          verifier="math_boxed", prompt_suffix=smollm2.SUFFIX, shot_prompt=smollm2.SHOT[0],
+                          shot_response=smollm2.SHOT[1], temperature=0.7, max_new_tokens=48, prompts_per_step=8,
                           group_size=8, pool_size=32, rollout_batch=8, micro_batch=16, logit_chunk=16, lr=1e-5,
-                          max_steps=60, eval_every=10, eval_samples=4, eval_greedy=True, eval_batch=40, ckpt_every=10,
+                          max_steps=20, eval_every=10, eval_samples=2, eval_greedy=True, eval_batch=40, ckpt_every=10,
                           out_dir="runs/smollm2"),
     "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64,
                         "logit_chunk": 512},
@@ -233,5 +236,8 @@ def check_config(cfg: Config):
     if cfg.fsdp and cfg.logit_chunk > 0:
         raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "
                          "does not allow; with --fsdp=true bound the logits' memory with micro_batch instead")
+    if bool(cfg.shot_prompt) != bool(cfg.shot_response):
+        raise SystemExit(f"config: a worked example needs both shot_prompt and shot_response; got shot_prompt="
+                         f"{cfg.shot_prompt!r}, shot_response={cfg.shot_response!r}")
     if cfg.verifier not in verify.VERIFIERS:
         raise SystemExit(f"config: verifier={cfg.verifier!r}; known: {sorted(verify.VERIFIERS)}")

@@ -37,9 +37,10 @@ def load_data(cfg, tokenizer, log):
     overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
     if overlap:
         log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
-    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log, cfg.prompt_suffix),
+    shot = (cfg.shot_prompt, cfg.shot_response)
+    train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log, cfg.prompt_suffix, shot),
                                        cfg.max_prompt_tokens, cfg.train_data, log)
-    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix),
+    eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix, shot),
                                      cfg.max_prompt_tokens, cfg.eval_data, log)
     return train_rows, train_toks, eval_rows, eval_toks
 
@@ -100,14 +101,20 @@ def check_rows(ds, path, prompt_field, answer_field, verifier) -> list:
     return rows
 
 
-def encode_prompts(tokenizer, rows: list, log, suffix: str = "") -> list:
-    """Token ids of each prompt (+ suffix): through the chat template when the tokenizer has one, else as is."""
+def encode_prompts(tokenizer, rows: list, log, suffix: str = "", shot: tuple = ("", "")) -> list:
+    """Token ids of each prompt (+ suffix): through the chat template when the tokenizer has one, else as is.
+    shot = (question, response): a worked example, shown as one earlier exchange (the question gets the
+    suffix too); ("", "") = none."""
+    q, a = shot
+    if bool(q) != bool(a):
+        raise SystemExit(f"config: a worked example needs both shot_prompt and shot_response; got {shot!r}")
     if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"] + suffix}], tokenize=False,
+        before = [{"role": "user", "content": q + suffix}, {"role": "assistant", "content": a}] if q else []
+        texts = [tokenizer.apply_chat_template(before + [{"role": "user", "content": r["prompt"] + suffix}], tokenize=False,
                                                add_generation_prompt=True) for r in rows]
     else:
         log("tokenizer has no chat template: prompts are used as plain text")
-        texts = [r["prompt"] + suffix for r in rows]
+        texts = [(f"{q}{suffix}\n{a}\n\n" if q else "") + r["prompt"] + suffix for r in rows]
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 

@@ -385,7 +385,7 @@ def main(argv):
     for name, path, state in targets:
         tok = AutoTokenizer.from_pretrained(path)
         tok.padding_side = "left"
-        toks = encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix)
+        toks = encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix, (cfg.shot_prompt, cfg.shot_response))
         lm = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
         answers = [r["answer"] for r in rows]
         res = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples, cfg.temperature)

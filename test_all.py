@@ -1555,6 +1555,12 @@ def test_chat_template_is_applied(math_files):
     tok.chat_template = None
     ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
     assert tok.decode(ids[0]) == "1+1?" and said == ["tokenizer has no chat template: prompts are used as plain text"]
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.", ("2+2?", "\\boxed{4}"))
+    assert tok.decode(ids[0]) == "2+2? Box it.\n\\boxed{4}\n\n1+1? Box it."  # the worked example, as plain text
+    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
+        data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, "", ("2+2?", ""))
+    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
+        config.make_config({"shot_prompt": "2+2?"})
 
 
 def test_presets():
@@ -1640,6 +1646,7 @@ def test_smollm2_task_levels_answers_and_split():
     train_rows, held = smollm2.make_splits(n_train=300, n_heldout=60, seed=1)
     assert len(train_rows) == 300 and len(held) == 60
     assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held}  # never a held-out question in training
+    assert smollm2.SHOT[0] not in {r["prompt"] for r in train_rows + held}  # the worked example is no question of the task
     counts = {lv: sum(r["level"] == lv for r in train_rows + held) for lv in smollm2.LEVELS}
     assert set(counts) == set(smollm2.LEVELS) and max(counts.values()) - min(counts.values()) <= 1
     for r in train_rows + held:
@@ -1723,3 +1730,8 @@ def test_smollm2_preset_trains_through_chat_template_and_verifier_and_resumes(sm
     text = tok.decode(toks[0])
     assert text.startswith("<|im_start|>system") and "What is 2 + 2? Put the final answer in \\boxed{}.<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+    shot = data.encode_prompts(tok, [{"prompt": "What is 2 + 2?", "answer": "4"}], print, smollm2.SUFFIX, smollm2.SHOT)
+    text = tok.decode(shot[0])  # the worked example: one earlier exchange, its question with the suffix too
+    assert (f"<|im_start|>user\n{smollm2.SHOT[0]}{smollm2.SUFFIX}<|im_end|>\n<|im_start|>assistant\n{smollm2.SHOT[1]}"
+            f"<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?{smollm2.SUFFIX}<|im_end|>") in text
+    assert verify.boxed_math_reward(smollm2.SHOT[1], "7") == 1.0  # the example answers in the format the reward checks
