@@ -252,6 +252,35 @@ def _stat(xs, fmt="{:.3f}"):
     return f"{fmt.format(float(np.median(known)))} [{fmt.format(known[0])}, {fmt.format(known[-1])}]"
 
 
+def by_level(runs: dict) -> list:
+    """Markdown lines: each method's final held-out accuracy per `level` of the held-out rows (the smollm2
+    task's difficulty levels), median over seeds; [] where a run's held-out file is gone or has no levels."""
+    levels = None
+    for rs in runs.values():
+        for r in rs:
+            path = r["config"].get("eval_data", "")
+            if not os.path.isfile(path):
+                return []
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if len(rows) != len(r["final"]["acc"]) or any("level" not in x for x in rows):
+                return []
+            mine = [x["level"] for x in rows]
+            if levels not in (None, mine):
+                return []  # runs on different held-out sets: no common breakdown
+            levels = mine
+    if not levels:
+        return []
+    names = list(dict.fromkeys(levels))
+    counts = {n: levels.count(n) for n in names}
+    lines = ["", "Final held-out accuracy by difficulty level (the held-out rows' `level`; median over seeds):", "",
+             "| method | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m, rs in runs.items():
+        acc = [{n: float(np.mean([a for a, lv in zip(r["final"]["acc"], levels) if lv == n])) for n in names} for r in rs]
+        lines.append(f"| {m} | " + " | ".join(f"{np.median([a[n] for a in acc]):.3f}" for n in names) + " |")
+    return lines
+
+
 def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only"), focus: str = "paced") -> str:
     """The comparison table (markdown, also written to <out>/table.md) and two PNGs: held-out accuracy
     against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
@@ -322,6 +351,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
                   "| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |", "|---|---|---|---|"]
         for m, cs in checks.items():
             lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
+    lines += by_level(runs)
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)

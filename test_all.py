@@ -1467,6 +1467,24 @@ def test_compare_table_has_a_real_models_columns(tmp_path):
     assert "greedy acc" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))
 
 
+def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
+    """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
+    import eval as eval_lib
+
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
+                            for i, lv in enumerate(["easy", "hard", "easy", "hard"])))
+    for s, acc in enumerate([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 1.0]]):
+        fake_run(tmp_path, f"grpo_s{s}", [0.2, 0.4])
+        (tmp_path / f"grpo_s{s}" / "heldout_final.json").write_text(json.dumps({"samples": 2, "acc": acc, "p_hat": None}))
+        (tmp_path / f"grpo_s{s}" / "config.json").write_text(json.dumps({"eval_data": str(held)}))
+    table = eval_lib.compare(str(tmp_path), str(tmp_path / "out"))
+    assert "| method | easy (2) | hard (2) |" in table
+    assert "| grpo | 0.375 | 0.375 |" in table  # easy: seeds 0.75 and 0.0, median 0.375; hard: 0.25 and 0.5
+    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1"}) + "\n" for i in range(4)))
+    assert "by difficulty level" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))  # no levels: no table
+
+
 def test_compare_table_and_plots(algo_runs, tmp_path):
     import eval as eval_lib
 
