@@ -23,6 +23,7 @@
 import inspect
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
@@ -58,6 +59,20 @@ class LogZHead(nn.Module):
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
         out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
         return (torch.sigmoid(out) if self.output == "sigmoid" else out) / self.beta
+
+
+def saturation_warning(p_hat, step: int, eps: float = 1e-3):
+    """A warning when p̂ = β·log Z_φ sits within eps of 0 (or of 1) on every prompt given: a sigmoid head
+    there has a vanishing gradient and may never recover, and choosing "nearest τ" among equal values
+    is blind (seen on SmolLM2, README). None otherwise."""
+    p = np.asarray(p_hat, dtype=float)
+    if p.size == 0 or not np.isfinite(p).all():
+        return None
+    edge = 0 if p.max() < eps else 1 if p.min() > 1 - eps else None
+    if edge is None:
+        return None
+    return (f"warning: step {step}: β·log Z_φ is {edge} (within {eps:g}) on every selected prompt: the accuracy estimate is "
+            f"saturated and the selection blind; try --logz_output=linear or a smaller --logz_lr")
 
 
 class PooledLogZHead(nn.Module):

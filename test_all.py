@@ -1467,6 +1467,15 @@ def test_compare_table_has_a_real_models_columns(tmp_path):
     assert "greedy acc" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))
 
 
+def test_saturated_accuracy_estimate_is_warned():
+    """p̂ stuck at 0 (or 1) on every prompt: the sigmoid head's dead zone, seen on SmolLM2 (README), is said."""
+    assert "β·log Z_φ is 0 (within 0.001)" in paced_rl.saturation_warning([0.0, 1e-7, 5e-4], 7)
+    assert "step 7" in paced_rl.saturation_warning([0.0], 7)
+    assert "β·log Z_φ is 1" in paced_rl.saturation_warning([0.9995, 1.0], 3)
+    for fine in ([0.0, 0.2], [0.5, 0.5], [0.9995, 0.3], [], [float("nan")]):
+        assert paced_rl.saturation_warning(fine, 1) is None
+
+
 def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
     """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
     import eval as eval_lib

@@ -79,6 +79,7 @@ class Run:
     rollouts: int = 0  # responses sampled so far (dynamic sampling: every round)
     skipped: int = 0  # optimizer steps skipped (non-finite, or nothing to train on)
     exact_eval: object = None  # () -> (exact accuracies, pruned mass) of the held-out prompts, else None
+    warned_saturation: bool = False  # the warning that p̂ is stuck at 0 or 1 is said once a run
 
 
 def setup(cfg: Config) -> Run:
@@ -306,6 +307,11 @@ def train(cfg: Config) -> dict:
         batch, n_prompts, zero_var, reward_sum = roll_out(run, chosen, timer)        # 2-3. roll out, verify
         acc = batch.reward.view(-1, cfg.group_size).mean(1).cpu().numpy()            # a(x), (n,)
         p_hat = p_hat_of(run, batch.idx) if cfg.algo == "paced" and batch.idx else np.zeros(len(batch.idx))
+        if cfg.algo == "paced" and cfg.logz_output == "sigmoid" and not run.warned_saturation:
+            said = paced_rl.saturation_warning(p_hat, run.step)
+            if said:  # each rank judges its own share; only rank 0 prints (no collective: the shares differ)
+                run.log(said)
+                run.warned_saturation = True
         n_train = int(all_sum(len(batch.idx), run.world, run.device))
         drawn = draw_replay(run)                                                      # 4. replay
         t4 = time.time()
