@@ -1,5 +1,5 @@
 """Prompt data: loading (local json / jsonl / parquet, or a hub data set), row checks, encoding through
-the chat template, the prompt-length cap, and the frozen prompt embeddings e(x) that Z_φ reads.
+the chat template (with an optional worked example as an earlier exchange), the prompt-length cap, and the frozen prompt embeddings e(x) that Z_φ reads.
 
 Every bad row stops the run with an error naming the file, the row and what is wrong; prompts over
 max_prompt_tokens are skipped and counted. The held-out file is evaluated, never trained on.

@@ -10,7 +10,9 @@ natural-language arithmetic task with graded difficulty.
 - The task: sums, differences and products from one-digit to three-digit operands, as bare questions
   and as word problems, in several phrasings; the reference answer is the integer. The policy is asked
   for a final `\\boxed{}` answer and the reward checks exactly that (verify.boxed_math_reward), in
-  training and in evaluation alike. Train and held-out questions never overlap.
+  training and in evaluation alike. One worked example (SHOT) precedes every question as an earlier
+  chat exchange: without it the model almost never boxes a right answer. Train and held-out questions
+  never overlap, and neither holds the example's question.
 
     python smollm2.py            # convert the model and write the task (what the preset does on first use)
 """
