@@ -1,8 +1,9 @@
 """The run's configuration: `python train.py --key=value ...` (or under torchrun); `--help` lists every field.
 
 Every number of a run is a field of Config, with a one-line comment (unit, rule of thumb, paper value)
-that `--help` prints. Values come from the defaults, then a preset (PRESETS, the paper's settings), then
-the command line; check_config refuses inconsistent combinations with an error that names the field.
+that `--help` prints. Values come from the defaults, then a preset (PRESETS: the paper's settings, the
+SmolLM2 task), then a named method (methods.py), then the command line. A Config checks itself when it is
+made (check_config): an inconsistent combination stops with an error that names the field.
 """
 
 import dataclasses
@@ -10,8 +11,9 @@ import inspect
 import re
 from dataclasses import dataclass
 
-import smollm2
+import methods
 import verify
+from tasks import smollm2
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Config:
     dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
     dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
     preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
+    method: str = ""  # a named method of methods.py (grpo, paced_greedy, tb_history, ...), applied after the preset
     attn_impl: str = "sdpa"  # attention kernel: sdpa (PyTorch) | flash_attention_2 (needs flash-attn) | eager
     grad_ckpt: bool = False  # gradient checkpointing: recompute activations in backward (large models)
     fsdp: bool = False  # shard the policy's weights, gradients and AdamW state over ranks with FSDP2
@@ -102,9 +105,12 @@ class Config:
     ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
 
+    def __post_init__(self):
+        check_config(self)
 
-# The paper's settings (DESIGN.md §7). Hub ids are downloaded on first use; B, the pool and the
-# micro-batch sizes are ours (the paper does not give them); see the README for hardware.
+
+# The paper's settings (docs/DESIGN.md, "The paper's experiments"). Hub ids are downloaded on first use; B, the pool and the
+# micro-batch sizes are ours (the paper does not give them); see docs/REFERENCE.md for hardware.
 _PAPER_MATH = dict(
     train_data="agentica-org/DeepScaleR-Preview-Dataset", eval_data="HuggingFaceH4/MATH-500:test",
     prompt_field="problem", answer_field="answer", verifier="math",
@@ -113,7 +119,7 @@ _PAPER_MATH = dict(
     lr=1e-6, weight_decay=0.1, max_steps=150, prompts_per_step=128, pool_size=512, eval_every=10,
     eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
     testbed_dir="", out_dir="runs/paper_math")
-# SmolLM2-135M-Instruct on natural-language arithmetic (smollm2.py), sized for a 2-core CPU (README)
+# SmolLM2-135M-Instruct on natural-language arithmetic (tasks/smollm2.py), sized for a 2-core CPU (RESULTS.md)
 _SMOL = "testbed/" + smollm2.SUBDIR
 PRESETS = {
     "smollm2_arith": dict(model=_SMOL + "/model", train_data=_SMOL + "/train.jsonl", eval_data=_SMOL + "/heldout.jsonl",
@@ -174,26 +180,27 @@ def parse_args(argv) -> dict:
 
 
 def make_config(overrides: dict) -> Config:
-    """Defaults, then the preset's values, then the command line's. The baselines (algo grpo, flowrl)
-    sample prompts uniformly and have no replay buffer, as published: select and replay are set so."""
+    """Defaults, then the preset's values, then the named method's, then the command line's. The baselines
+    (algo grpo, flowrl) sample prompts uniformly and have no replay buffer, as published: select and replay
+    are set so unless given."""
     name = overrides.get("preset", "")
     if name and name not in PRESETS:
         raise SystemExit(f"config: unknown preset {name!r}; presets: {sorted(PRESETS)}")
-    merged = {**PRESETS.get(name, {}), **overrides}
+    method = overrides.get("method", "")
+    merged = {**PRESETS.get(name, {}), **(methods.fields_of(method) if method else {}), **overrides}
     if merged.get("regime"):  # the regime's training file, built next to the testbed on first use
-        import testbed
+        from tasks import testbed
 
         if merged["regime"] not in testbed.REGIMES:
             raise SystemExit(f"config: regime={merged['regime']!r}; expected one of {sorted(testbed.REGIMES)}")
         merged["train_data"] = testbed.regime_path(merged.get("testbed_dir", Config.testbed_dir), merged["regime"])
     if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_config names the conflict
         merged = {"select": "uniform", "replay": "off", **merged}
-    cfg = Config(**merged)
-    check_config(cfg)
-    return cfg
+    return Config(**merged)
 
 
 def check_config(cfg: Config):
+    """Refuse a value out of range or a combination the code cannot run, naming the field."""
     choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
                "select": ("paced", "uniform", "history", "regress", "hybrid", "oracle"),
                "history_draw": ("thompson", "mean"), "exact_metrics": ("auto", "on", "off"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
@@ -239,5 +246,7 @@ def check_config(cfg: Config):
     if bool(cfg.shot_prompt) != bool(cfg.shot_response):
         raise SystemExit(f"config: a worked example needs both shot_prompt and shot_response; got shot_prompt="
                          f"{cfg.shot_prompt!r}, shot_response={cfg.shot_response!r}")
+    if cfg.method and cfg.method not in methods.METHODS:
+        raise SystemExit(f"config: unknown method {cfg.method!r}; methods: {', '.join(methods.METHODS)} (python methods.py)")
     if cfg.verifier not in verify.VERIFIERS:
         raise SystemExit(f"config: verifier={cfg.verifier!r}; known: {sorted(verify.VERIFIERS)}")

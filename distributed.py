@@ -9,12 +9,10 @@
 - check_ranks_agree: a checksum of the parameters at every checkpoint; ranks that drifted apart stop
   the run. shard_model: FSDP2 (ZeRO-3 style) for models too large to replicate.
 - teardown: every rank waits for the others, then the process group is destroyed before exit.
-- agreement: where two runs of one config (1 and 2 processes) part: README, "What 1 and 2 processes guarantee".
 """
 
 import datetime
 import importlib
-import json
 import os
 
 import torch
@@ -133,18 +131,3 @@ def teardown(world):
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
-
-
-def agreement(run_a: str, run_b: str) -> dict:
-    """Two runs of one config (e.g. on 1 and 2 processes): the first step at which they sampled different
-    responses (a discrete metric differs; None: never), the largest relative difference of the loss before
-    it, and both final held-out accuracies."""
-    a, b = ([json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()] for d in (run_a, run_b))
-    flip = next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
-    before = [(ra["loss"], rb["loss"]) for ra, rb in zip(a, b) if ra.get("loss") is not None and (flip is None or ra["step"] < flip)]
-    return {"first_flip_step": flip, "steps": len(a),
-            "loss_rel_diff_before": max((abs(x - y) / max(abs(x), 1e-12) for x, y in before), default=None),
-            "final_eval_acc": (a[-1].get("eval_acc"), b[-1].get("eval_acc"))}

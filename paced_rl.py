@@ -1,6 +1,6 @@
 """The PACED-RL policy: any HF causal LM plus the learned partition function log Z_φ(x).
 
-    p̂(x) = β · log Z_φ(e(x))        (DESIGN.md §2, Proposition 4.1: ≈ accuracy of π_old on x)
+    p̂(x) = β · log Z_φ(e(x))        (Proposition 4.1: ≈ accuracy of π_old on x; tb_loss.py)
 
 - `LogZHead`: a 3-layer MLP over a frozen prompt embedding e(x). The embedding is the mean of the
   *initial* model's last hidden states over the prompt tokens, computed once (`prompt_embeddings`),
@@ -8,7 +8,7 @@
   Our choices where the paper is silent: width `logz_hidden`, features standardized with the
   training set's mean/std, the MLP's output read in accuracy units (log Z = output/β), its output
   layer zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections
-  are effectively uniform.
+  are effectively uniform. `LogZHead.p_hat` gives p̂ directly, `forward` gives log Z = p̂/β for the loss.
 - `PooledLogZHead`: FlowRL's head (a baseline), over the policy's own mean-pooled prompt states.
 - `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
   `policy.parameters()` synchronizes both.
@@ -17,7 +17,7 @@
   (seed, step, prompt id), so a prompt's samples do not depend on the rank or batch it lands in.
 - `token_logprobs` / `sequence_logprobs`: log π(y_t | x, y_<t) per response token / summed. The mask keeps every token up
   to and including the first EOS (EOS is trained) and nothing after it, which stays right when
-  pad == EOS (a trap of public RL code, STYLE.md).
+  pad == EOS (masking pads by token id would never train EOS, a trap of several public RL codebases).
 """
 
 import inspect
@@ -56,15 +56,20 @@ class LogZHead(nn.Module):
         self.mu.copy_(emb.mean(0))
         self.sigma.copy_(emb.std(0).clamp(min=1e-6))
 
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+    def p_hat(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units."""
         out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
-        return (torch.sigmoid(out) if self.output == "sigmoid" else out) / self.beta
+        return torch.sigmoid(out) if self.output == "sigmoid" else out
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        """log Z_φ = p̂/β, the scalar the trajectory-balance residual takes."""
+        return self.p_hat(emb) / self.beta
 
 
 def saturation_warning(p_hat, step: int, eps: float = 1e-3):
     """A warning when p̂ = β·log Z_φ sits within eps of 0 (or of 1) on every prompt given: a sigmoid head
     there has a vanishing gradient and may never recover, and choosing "nearest τ" among equal values
-    is blind (seen on SmolLM2, README). None otherwise."""
+    is blind (seen on SmolLM2, RESULTS.md). None otherwise."""
     p = np.asarray(p_hat, dtype=float)
     if p.size == 0 or not np.isfinite(p).all():
         return None
@@ -76,7 +81,7 @@ def saturation_warning(p_hat, step: int, eps: float = 1e-3):
 
 
 class PooledLogZHead(nn.Module):
-    """FlowRL's log Z head (a baseline, DESIGN.md §9): over the *policy's own* mean-pooled prompt
+    """FlowRL's log Z head (a baseline, as its authors' code builds it): over the *policy's own* mean-pooled prompt
     hidden states, gradients flowing into the LM; [Linear(H, H), GELU, LayerNorm, Dropout] × 2, then
     Linear(H, 1). Its output is log Z in the units of FlowRL's residual, not an accuracy estimate."""
 

@@ -1,4 +1,4 @@
-"""Accuracy-estimate-error-prioritized replay (DESIGN.md §5).
+"""Accuracy-estimate-error-prioritized replay (docs/DESIGN.md, "Replay").
 
 After a group of G responses for prompt x is verified, its observed accuracy is a(x) = correct/G and
 the estimation error is e(x) = |a(x) − p̂(x)|, with p̂ = β·log Z_φ(x). Only *correct* trajectories
@@ -19,6 +19,18 @@ import numpy as np
 def estimate_error(acc, p_hat):
     """e(x) = |a(x) − p̂(x)|, elementwise."""
     return np.abs(np.asarray(acc, dtype=np.float64) - np.asarray(p_hat, dtype=np.float64))
+
+
+def correct_candidates(prompts, rewards, responses, acc, p_hat, logp_behavior, group_size: int) -> list:
+    """A step's correct trajectories as buffer entries, each with its prompt's priority e(x) = |a(x) − p̂(x)|.
+    prompts, acc, p_hat: one per group (n,); rewards, responses (token lists), logp_behavior: one per sample (n·G)."""
+    cands = []
+    for k, j in enumerate(prompts):
+        e = float(estimate_error(acc[k], p_hat[k]))
+        for i in range(k * group_size, (k + 1) * group_size):
+            if rewards[i] == 1.0:
+                cands.append({"prompt": j, "response": responses[i], "priority": e, "logp_behavior": float(logp_behavior[i])})
+    return cands
 
 
 class ReplayBuffer:

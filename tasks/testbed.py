@@ -1,7 +1,7 @@
 """The bundled testbed: a tiny base model and a verifiable task with graded difficulty.
 
 No weights or data can be downloaded in CI or in a classroom, so the project makes its own
-(DESIGN.md §8):
+(docs/DESIGN.md, "The bundled tasks"):
 
 - a character tokenizer (digits, '+', '=', pad, unk, EOS) saved as an ordinary HF fast tokenizer;
 - a task: "a+b=" -> the digits of a+b written in reverse (least significant first), then EOS.
@@ -13,7 +13,8 @@ No weights or data can be downloaded in CI or in a classroom, so the project mak
   (loss on answer tokens only), saved with `save_pretrained` and reloaded by train.py with
   `from_pretrained`, the same code path as Qwen2.5-Math.
 
-Build it by hand with `python testbed.py --out=testbed`; train.py builds it on first use.
+Build it by hand with `python -m tasks.testbed --out=testbed`; train.py builds it on first use.
+`python -m tasks.testbed --regimes` prints each difficulty regime's share of all-equal groups at the warm start.
 """
 
 import json
@@ -71,34 +72,6 @@ def make_model(cfg: TestbedConfig, tokenizer):
                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return LlamaForCausalLM(mc)
-
-
-CHAT_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_chat_model(out: str, hidden: int = 32, layers: int = 2, seed: int = 0):
-    """A tiny random model whose tokenizer has a real (Qwen-style ChatML) chat template, pad != EOS and
-    every printable ASCII character: for testing the code paths of real models and math data offline."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(CHAT_SPECIAL + ["<unk>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"], padding_side="left")
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=True,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
-    lm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 # ----------------------------------------------------------------------------- task
@@ -194,7 +167,7 @@ def build(out: str, cfg: TestbedConfig = TestbedConfig(), log=print):
 # replaced by sums with an operand one digit longer than the warm start saw (exact accuracy 0.000 at the
 # warm start: every group all-wrong). The warm start solves no bucket always (its easiest, 1-digit sums,
 # are at 0.90), so the uninformative prompts come from the hard side. w was set by measurement at the
-# warm start (`python testbed.py --regimes` prints the expected share of all-equal groups of G = 8
+# warm start (`python -m tasks.testbed --regimes` prints the expected share of all-equal groups of G = 8
 # under uniform sampling): base 0.32, mid 0.62, high 0.80. The held-out set is the same for all.
 REGIMES = {"base": 0.0, "mid": 0.42, "high": 0.73}
 
@@ -233,10 +206,10 @@ def make_regime(out: str, name: str, max_digits: int = 3, seed: int = 0) -> str:
 def regime_shares(out: str, group_size: int = 8, n: int = 512) -> dict:
     """{regime: expected share of all-equal groups under uniform sampling at the warm start}, from the
     exact accuracies of n prompts of each regime's file (temperature 1, the testbed's 6-token cap)."""
-    import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import exact
+    from metrics import all_equal_share
+    from tasks import exact
 
     tok = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
     lm = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model")).eval()
@@ -248,7 +221,7 @@ def regime_shares(out: str, group_size: int = 8, n: int = 512) -> dict:
         rows = [json.loads(line) for line in open(path)]
         rows = random.Random(0).sample(rows, min(n, len(rows)))
         acc, _ = exact.exact_accuracy(lm, tok, [tok(r["prompt"]).input_ids for r in rows], [r["answer"] for r in rows], 6, 1.0, "cpu")
-        shares[name] = float(np.mean(acc ** group_size + (1 - acc) ** group_size))
+        shares[name] = all_equal_share(acc, group_size)
     return shares
 
 

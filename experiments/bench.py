@@ -1,8 +1,8 @@
 """Benchmark one PACED-RL step, split into select / rollout / verify / update.
 
-    python bench.py                                  # CPU: a testbed-shaped model, float32
-    python bench.py --shape=qwen2.5-1.5b             # GPU: a Qwen2.5-1.5B-shaped model from its config, bf16
-    python bench.py --shape=smollm2-135m --prompts=8 --prompt_len=70 --response_len=64 --micro_batch=16 --logit_chunk=16
+    python -m experiments.bench                      # CPU: a testbed-shaped model, float32
+    python -m experiments.bench --shape=qwen2.5-1.5b # GPU: a Qwen2.5-1.5B-shaped model from its config, bf16
+    python -m experiments.bench --shape=smollm2-135m --prompts=8 --prompt_len=70 --response_len=64 --micro_batch=16 --logit_chunk=16
                                                      # CPU: the smollm2_arith preset's step
 
 No download: the model is built from a config with random weights (speed does not depend on the
@@ -26,8 +26,9 @@ import paced_rl
 import replay
 import scheduler
 import update
-from config import Config
 import verify
+from config import Config
+from selection import Selector
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
     "testbed": (96, 192, 3, 4, 4, 15),
@@ -49,7 +50,7 @@ class Bench:
     response_len: int = 6  # tokens per response (no early EOS)
     rollout_batch: int = 0  # prompts per generation call; 0 = all
     micro_batch: int = 0  # samples per forward/backward; 0 = all
-    pool_size: int = 64  # candidates scored by Z_φ per step (the testbed's pool_size; 0 in train.py = all 4,000)
+    pool_size: int = 64  # candidates scored by Z_φ per step (the testbed's pool_size), a quarter of B explored
     steps: int = 3  # timed steps (after one warm-up step)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     grad_ckpt: bool = False  # gradient checkpointing in the update
@@ -89,12 +90,14 @@ def main(argv):
     n_params = sum(p.numel() for p in lm.parameters())
     H, vocab = lm.config.hidden_size, lm.config.vocab_size
     cfg = Config(group_size=b.group_size, max_new_tokens=b.response_len, rollout_batch=b.rollout_batch,
-                       micro_batch=b.micro_batch, logit_chunk=b.logit_chunk, temperature=1.0)
+                 micro_batch=b.micro_batch, logit_chunk=b.logit_chunk, temperature=1.0, prompts_per_step=b.prompts,
+                 pool_size=b.pool_size, explore_frac=0.25)
     logz = paced_rl.LogZHead(H, 256, cfg.beta, 0.5).to(device)
     policy = paced_rl.Policy(lm, logz)
     opt = torch.optim.AdamW([{"params": lm.parameters(), "lr": 1e-6}, {"params": logz.parameters(), "lr": 1e-3}])
     pool = scheduler.PromptPool(max(b.pool_size, b.prompts), b.pool_size, seed=0)
     emb = torch.randn(max(b.pool_size, b.prompts), H, device=device)
+    selector = Selector(cfg, pool.n, emb, None, np.random.default_rng(0))
     buf = replay.ReplayBuffer(128, 64)
     rng = np.random.default_rng(0)
     prompts = [torch.randint(3, min(vocab, 1000), (b.prompt_len,)).tolist() for _ in range(b.prompts)]
@@ -103,9 +106,8 @@ def main(argv):
     def step():
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         t = [time.perf_counter()]
-        with torch.no_grad():  # select: score the pool with Z_φ, pick B near τ
-            chosen = scheduler.choose_prompts(pool, lambda i: (cfg.beta * logz(emb[torch.as_tensor(i, device=device)])).float().cpu().numpy(),
-                                              b.prompts, cfg.tau, "paced", b.prompts // 4)
+        with torch.no_grad():  # select: score the pool with Z_φ, pick B near τ (the loop's own selector)
+            selector.choose(pool, lambda i: logz.p_hat(emb[torch.as_tensor(i, device=device)]).float().cpu().numpy())
         sync(); t.append(time.perf_counter())
         pid, pmask = paced_rl.left_pad(prompts, pad, device)
         lm.eval()

@@ -5,7 +5,7 @@ prompt's accuracy under the rollout's sampling distribution π_T (softmax of log
 
     acc(x) = Σ over accepted token strings y of Π_t π_T(y_t | x, y_<t)
 
-which teacher forcing computes exactly (DESIGN.md §11). The accepted strings are more than the answer's
+which teacher forcing computes exactly (docs/DESIGN.md, "Exact accuracy"). The accepted strings are more than the answer's
 tokens followed by EOS: decoding skips special tokens, so `<pad>` or `<unk>` may stand anywhere among the
 answer's characters, and a response that reaches `max_new_tokens` without EOS is decoded as it stands.
 exact_accuracy walks that set as a tree: one batched teacher-forced pass runs every prompt along its
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import paced_rl
+from distributed import gather
 
 
 @torch.no_grad()
@@ -77,3 +78,16 @@ def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_toke
                         break
         frontier = nxt
     return acc, dropped
+
+
+def exact_accuracy_sharded(lm, tokenizer, toks: list, answers: list, cfg, device, rank: int, world: int):
+    """exact_accuracy of every prompt of `toks` at the run's temperature and length cap: each rank computes
+    its share, then one gather. A sharded (FSDP) model needs every rank in lockstep, so there each computes all."""
+    world = 1 if cfg.fsdp else world
+    mine = list(range(rank % world, len(toks), world))
+    acc, gap = exact_accuracy(lm, tokenizer, [toks[j] for j in mine], [answers[j] for j in mine], cfg.max_new_tokens,
+                              cfg.temperature, device, cfg.eval_batch)
+    out = np.zeros((2, len(toks)))
+    for idx, a, g in gather((mine, acc, gap), world):
+        out[0, idx], out[1, idx] = a, g
+    return out[0], out[1]

@@ -1,6 +1,6 @@
 """The scheduling study's table and plot, from the runs that study.sh made.
 
-    python study.py --root=runs/study --out=results     # results/study_table.md, results/study_savings.png
+    python -m experiments.study --root=runs/study --out=results     # results/study_table.md, results/study_savings.png
 
 For each regime (a directory of runs named <method>_s<seed>) and method, over seeds (median [min, max]):
 the final held-out exact accuracy; the rollouts each seed needs to reach GRPO's median final exact
@@ -14,7 +14,7 @@ named <regime>_<variant> (high_pool1024, mid_zphi) is measured against <regime>'
 PACED-RL where it has none of its own. A summary row per regime opens the table: the oracle's ratio,
 PACED-RL's and the best other predictor's, and the share of the oracle's savings each captures.
 
-Under each regime's table, the registered rule's verdicts (README): A beats B when A's whole seed range of
+Under each regime's table, the registered rule's verdicts (RESULTS.md): A beats B when A's whole seed range of
 the rollout ratio lies below B's, or A reaches the target in more seeds; anything else is a tie. Where
 GRPO's median final accuracy is at or below where every run starts (it lost accuracy), no run needs any
 rollouts to reach it and the ratio is undefined; the table says so and, marked post hoc, compares final
@@ -28,7 +28,8 @@ import sys
 
 import numpy as np
 
-import eval as eval_lib
+from eval import _pyplot
+from experiments.compare import eval_curve, load_runs, median_reached, rollouts_to_reach, seed_stat
 
 ORACLE_OF = {"grpo": "grpo_oracle", "grpo_dynamic": "grpo_oracle", "grpo_history": "grpo_oracle", "grpo_oracle": "grpo_oracle",
              "paced": "tb_oracle", "tb_history": "tb_oracle", "tb_regress": "tb_oracle", "tb_hybrid": "tb_oracle",
@@ -65,11 +66,11 @@ def _mean_of(rows, k):
 
 
 def summarize_regime(runs: dict) -> dict:
-    """{method: figures} for one regime's runs ({method: [run, ...]} as eval.load_runs gives them)."""
+    """{method: figures} for one regime's runs ({method: [run, ...]} as compare.load_runs gives them)."""
     per = {}
     for m, rs in runs.items():
         steps = [[r for r in run["rows"] if "loss" in r] for run in rs]
-        curves = [eval_lib.eval_curve(run["rows"], KEY) for run in rs]  # [(rollouts, exact accuracy)]
+        curves = [eval_curve(run["rows"], KEY) for run in rs]  # [(rollouts, exact accuracy)]
         per[m] = {"curves": curves, "final": [c[-1][1] for c in curves], "start": [c[0][1] for c in curves],
                   "rollouts": [c[-1][0] for c in curves], "by_digits": [by_digits(run) for run in rs],
                   "pool": [run["config"].get("pool_size") for run in rs],
@@ -82,12 +83,12 @@ def summarize_regime(runs: dict) -> dict:
     target = float(np.median(per["grpo"]["final"]))
     per["grpo"]["target"] = target
     for f in per.values():
-        f["reach"] = [eval_lib.rollouts_to_reach(c, target) for c in f["curves"]]
-    r_grpo = _median_reached(per["grpo"]["reach"])
+        f["reach"] = [rollouts_to_reach(c, target) for c in f["curves"]]
+    r_grpo = median_reached(per["grpo"]["reach"])
     for m, f in per.items():
         f["ratio"] = [None if r is None or not r_grpo else r / r_grpo for r in f["reach"]]
         oracle = per.get(ORACLE_OF.get(m, "grpo_oracle" if m.startswith("grpo") else "tb_oracle"))
-        r_m, r_o = _median_reached(f["reach"]), _median_reached(oracle["reach"]) if oracle else None
+        r_m, r_o = median_reached(f["reach"]), median_reached(oracle["reach"]) if oracle else None
         f["savings_share"] = (r_grpo - r_m) / (r_grpo - r_o) if None not in (r_grpo, r_m, r_o) and r_grpo != r_o else None
     return per
 
@@ -159,35 +160,19 @@ def verdicts(per: dict) -> list:
     return lines
 
 
-def _median_reached(reach):
-    """The median over seeds of the rollouts to the target; a seed that never reaches it counts as
-    beyond every other, so the median exists only while at least half the seeds reach it."""
-    xs = sorted((r if r is not None else float("inf")) for r in reach)
-    med = xs[(len(xs) - 1) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-    return None if not np.isfinite(med) else float(med)
-
-
-def _stat(xs, fmt="{:.3f}"):
-    v = [x for x in xs if x is not None]
-    if not v:
-        return "–"
-    missing = f" ({len(xs) - len(v)} of {len(xs)} seeds: not reached)" if len(v) < len(xs) else ""
-    return f"{fmt.format(np.median(v))} [{fmt.format(min(v))}, {fmt.format(max(v))}]{missing}"
-
-
 def table(root: str) -> tuple:
     """(markdown, {regime: {method: figures}}) for every regime directory under root."""
     out, data = [], {}
     for regime in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
-        runs = eval_lib.load_runs(os.path.join(root, regime))
+        runs = load_runs(os.path.join(root, regime))
         if not runs:
             continue
         base = regime.split("_")[0]  # a variant of a regime (high_pool1024, high_zphi) is measured against its GRPO
         if base != regime and os.path.isdir(os.path.join(root, base)):
-            ref = eval_lib.load_runs(os.path.join(root, base))
+            ref = load_runs(os.path.join(root, base))
             runs = {**{m: ref[m] for m in ("grpo", "grpo_oracle", "tb_oracle", "paced") if m in ref and m not in runs}, **runs}
         per = data[regime] = summarize_regime(runs)
-        share = _stat([x for f in per.values() for x in f["uniform_equal"]], "{:.2f}")
+        share = seed_stat([x for f in per.values() for x in f["uniform_equal"]], "{:.2f}")
         out.append(f"\n### Regime `{regime}` (all-equal share of the pool under uniform sampling, over the run: {share})\n")
         if "grpo" in per:
             g = per["grpo"]
@@ -202,9 +187,9 @@ def table(root: str) -> tuple:
         for m in _order(per):
             f = per[m]
             sv = f.get("savings_share")
-            out.append(f"| `{m}` | {_stat(f['final'])} | {_stat(f['rollouts'], '{:,.0f}')} | {_stat(f.get('ratio', []), '{:.2f}')} | "
-                       f"{'–' if sv is None else f'{sv:.2f}'} | {_stat(f['sel_equal'], '{:.2f}')} | "
-                       f"{_stat(f['corr'], '{:.2f}')} | {_stat(f['step_s'], '{:.3f}')} |")
+            out.append(f"| `{m}` | {seed_stat(f['final'])} | {seed_stat(f['rollouts'], '{:,.0f}')} | {seed_stat(f.get('ratio', []), '{:.2f}')} | "
+                       f"{'–' if sv is None else f'{sv:.2f}'} | {seed_stat(f['sel_equal'], '{:.2f}')} | "
+                       f"{seed_stat(f['corr'], '{:.2f}')} | {seed_stat(f['step_s'], '{:.3f}')} |")
         out += [""] + verdicts(per)
         buckets = sorted({k for f in per.values() for b in f["by_digits"] for k in b})
         if buckets:
@@ -221,7 +206,7 @@ def plot(data: dict, path: str):
     """Against each regime's uninformative share, one line per method: (left) the median rollout ratio to
     GRPO, where it is defined; (right) the median final exact accuracy minus GRPO's, at the same budget
     (dynamic sampling spends more)."""
-    plt = eval_lib._pyplot()
+    plt = _pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     regimes = [r for r in data if "_" not in r and "grpo" in data[r]]  # the regimes, not their variants
     xs = {r: np.median([x for f in data[r].values() for x in f["uniform_equal"] if x is not None]) for r in regimes}

