@@ -91,3 +91,20 @@ def exact_accuracy_sharded(lm, tokenizer, toks: list, answers: list, cfg, device
     for idx, a, g in gather((mine, acc, gap), world):
         out[0, idx], out[1, idx] = a, g
     return out[0], out[1]
+
+
+if __name__ == "__main__":  # python -m tasks.exact [--model=testbed/model] [--data=testbed/heldout.jsonl] [--temperature=1.0]
+    import json
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    args = {"model": "testbed/model", "data": "testbed/heldout.jsonl", "temperature": "1.0", "max_new_tokens": "6",
+            **dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)}
+    tok = AutoTokenizer.from_pretrained(args["model"])
+    lm = AutoModelForCausalLM.from_pretrained(args["model"]).eval()
+    rows = [json.loads(line) for line in open(args["data"]) if line.strip()]
+    acc, gap = exact_accuracy(lm, tok, [tok(r["prompt"]).input_ids for r in rows], [r["answer"] for r in rows],
+                              int(args["max_new_tokens"]), float(args["temperature"]), "cpu")
+    print(f"{args['data']}: {len(rows)} prompts, exact accuracy {acc.mean():.4f} (pruned mass ≤ {gap.mean():.1e}); "
+          f"{np.mean((acc > 0.1) & (acc < 0.9)):.0%} of the prompts strictly between 0.1 and 0.9")
