@@ -24,7 +24,7 @@ class Config:
     resume: str = ""  # a run directory: continue from its newest checkpoint (its config, then CLI overrides)
     max_steps: int = 250  # optimizer steps; the paper runs 150 on DeepScaleR
     device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
-    dtype: str = "float32"  # float32 | bfloat16 parameters and compute; bf16 is for GPUs
+    dtype: str = "float32"  # float32 | bfloat16: bf16 compute (autocast) with fp32 weights and AdamW state (paced_rl.amp)
     dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
     preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
     method: str = ""  # a named method of methods.py (grpo, paced_greedy, tb_history, ...), applied after the preset

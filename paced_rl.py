@@ -57,8 +57,9 @@ class LogZHead(nn.Module):
         self.sigma.copy_(emb.std(0).clamp(min=1e-6))
 
     def p_hat(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units."""
-        out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
+        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units (fp32 under amp)."""
+        with torch.autocast(device_type=emb.device.type, enabled=False):
+            out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
@@ -102,6 +103,13 @@ class Policy(nn.Module):
         super().__init__()
         self.lm = lm
         self.logz = logz
+
+
+def amp(device, enabled: bool):
+    """Mixed precision (`dtype=bfloat16`): the LM's matmuls in bf16 under autocast while its weights, gradients
+    and AdamW state stay fp32, so a step of lr 1e-6 is not rounded away; log-softmax, log-probs, losses and
+    Z_φ stay fp32. enabled=False is a no-op."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,9 @@ def rollout(lm, tokenizer, prompt_toks, seeds, cfg, device, temperature):
     chunks = []
     for i in range(0, len(prompt_toks), size):
         gens = paced_rl.make_generators(seeds[i:i + size], device)
-        chunks.append(paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], cfg.group_size, gens,
-                                        cfg.max_new_tokens, temperature, eos, pad, stop_early=not cfg.fsdp))
+        with paced_rl.amp(device, cfg.dtype == "bfloat16"):
+            chunks.append(paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], cfg.group_size, gens,
+                                            cfg.max_new_tokens, temperature, eos, pad, stop_early=not cfg.fsdp))
     R = max(c.size(1) for c in chunks)
     resp = torch.cat([torch.nn.functional.pad(c, (0, R - c.size(1)), value=pad) for c in chunks])  # (B*G, R)
     rmask = paced_rl.response_mask(resp, eos)

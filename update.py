@@ -98,14 +98,15 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
 def build_policy(cfg, model_path: str, emb_train, dtype, device, world):
     """(policy, π_ref or None, AdamW): the LM from model_path (a checkpoint's on resume) with its log Z head
     (Z_φ over the frozen e(x) for PACED-RL, FlowRL's pooled head, none for GRPO), sharded with FSDP2 if asked.
-    Z_φ has its own (far larger) learning rate and no weight decay."""
+    Z_φ has its own (far larger) learning rate and no weight decay. The trained LM is held in fp32 whatever
+    cfg.dtype says (bfloat16 means bf16 compute under paced_rl.amp, fp32 master weights); the frozen π_ref in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
-    lm = load(model_path)  # same files on every rank: same weights
+    load = lambda path, dt: AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
+    lm = load(model_path, torch.float32)  # same files on every rank: same weights
     if cfg.grad_ckpt:
         lm.gradient_checkpointing_enable()
-    ref_lm = load(cfg.model).eval().requires_grad_(False) if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0) else None
+    ref_lm = load(cfg.model, dtype).eval().requires_grad_(False) if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0) else None
     if cfg.fsdp and world > 1:
         for m in (lm, ref_lm):
             if m is not None:
@@ -143,10 +144,11 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
     for i in range(0, N, size):
         s = slice(i, i + size)
         args = (b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature, cfg.logit_chunk)
-        if cfg.algo == "flowrl":
-            logp_tok, h = paced_rl.token_logprobs(policy.lm, *args, prompt_state=True)  # (n, R), (n, H)
-        else:
-            logp_tok = paced_rl.token_logprobs(policy.lm, *args)
+        with paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):  # log-probs come out in fp32
+            if cfg.algo == "flowrl":
+                logp_tok, h = paced_rl.token_logprobs(policy.lm, *args, prompt_state=True)  # (n, R), (n, H)
+            else:
+                logp_tok = paced_rl.token_logprobs(policy.lm, *args)
         old_tok = b["old_tok"][s] if b.get("old_tok") is not None else logp_tok.detach()  # (n, R)
         logp, ntok, old = logp_tok.sum(-1), b["rmask"][s].sum(-1), old_tok.sum(-1)
         cur = logp.detach()
@@ -165,12 +167,12 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
         elif cfg.algo == "grpo":
             ref_tok = None
             if cfg.kl_coef > 0:
-                with torch.no_grad():
+                with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
                     ref_tok = paced_rl.token_logprobs(ref_lm, *args)
             loss = tb_loss.grpo_loss(logp_tok, old_tok, b["rmask"][s], b["adv"][s], cfg.clip_eps,
                                      cfg.grpo_agg, denom, ref_tok, cfg.kl_coef)
         else:  # flowrl
-            with torch.no_grad():
+            with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
                 ref = paced_rl.token_logprobs(ref_lm, *args).sum(-1)
             w = (cur - old).exp().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old, detached: 1 at the first optimizer step
             loss = tb_loss.flowrl_loss(policy.logz(h), logp, ref, ntok, b["adv"][s], cfg.flowrl_reward_mult,
@@ -185,9 +187,10 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
 def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg, per_token: bool = False):
     """Response log-probs without gradients, in micro-batches: summed (N,), or per token (N, R)."""
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
-    tok = torch.cat([paced_rl.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
-                                             rmask[i:i + size], cfg.temperature, cfg.logit_chunk)
-                     for i in range(0, resp.size(0), size)])
+    with paced_rl.amp(resp.device, cfg.dtype == "bfloat16"):
+        tok = torch.cat([paced_rl.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
+                                                 rmask[i:i + size], cfg.temperature, cfg.logit_chunk)
+                         for i in range(0, resp.size(0), size)])
     return tok if per_token else tok.sum(-1)
 
 
