@@ -67,7 +67,7 @@ def reliability_bins(p_hat, acc, bins: int = 10) -> list:
              float(acc[which == b].mean())) for b in range(bins) if (which == b).any()]
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot without a display (imported only when a plot is written)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -77,7 +77,7 @@ def _pyplot():
 
 def plot_reliability(series: dict, path: str, title: str = ""):
     """One reliability curve per label: series = {label: (p_hat, acc)}; writes a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
     for label, (p, a) in series.items():

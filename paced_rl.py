@@ -15,6 +15,7 @@
 - `generate`: batched sampling of G responses per prompt with a KV cache, left padding, temperature,
   a length cap and stop at EOS. Each prompt draws its noise from its own generator seeded by
   (seed, step, prompt id), so a prompt's samples do not depend on the rank or batch it lands in.
+- `amp`: mixed precision for `dtype=bfloat16` (bf16 matmuls, fp32 weights and log-probs; Z_φ stays fp32).
 - `token_logprobs` / `sequence_logprobs`: log π(y_t | x, y_<t) per response token / summed. The mask keeps every token up
   to and including the first EOS (EOS is trained) and nothing after it, which stays right when
   pad == EOS (masking pads by token id would never train EOS, a trap of several public RL codebases).

@@ -1,4 +1,4 @@
-"""Accuracy-estimate-error-prioritized replay (docs/DESIGN.md, "Replay").
+"""Accuracy-estimate-error-prioritized replay (docs/DESIGN.md, "Where we depart from or fill in the paper").
 
 After a group of G responses for prompt x is verified, its observed accuracy is a(x) = correct/G and
 the estimation error is e(x) = |a(x) − p̂(x)|, with p̂ = β·log Z_φ(x). Only *correct* trajectories

@@ -1803,7 +1803,7 @@ IMPORTS = {
               "scheduler", "selection", "tasks", "tasks.exact", "update", "verify"],
     "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
     "tasks.exact": ["distributed", "paced_rl"],
-    "experiments": [], "experiments.compare": ["eval", "metrics", "scheduler"],
+    "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "scheduler"],
     "experiments.study": ["eval", "experiments.compare"],
     "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "update", "verify"],
 }

@@ -16,8 +16,9 @@ import sys
 
 import numpy as np
 
+import methods
 import scheduler
-from eval import _pyplot, plot_reliability
+from eval import plot_reliability, pyplot
 from metrics import all_equal_share
 
 def eval_curve(rows: list, key: str = "eval_acc") -> list:
@@ -138,11 +139,11 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
     A target's accuracy is the baseline's final held-out accuracy, median over its seeds; the ratio
     is the median rollouts `focus` needs to reach it over the median the baseline needs."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = load_runs(root)
     if not runs:
         raise SystemExit(f"compare: no finished runs (directories with heldout_final.json) in {root}")
-    order = ["grpo", "grpo_dynamic", "flowrl", "paced_select_only", "paced_replay_only", "paced"]
+    order = methods.GROUPS["comparison"]
     runs = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     os.makedirs(out, exist_ok=True)
     final_acc = {m: float(np.median([np.mean(r["final"]["acc"]) for r in rs])) for m, rs in runs.items()}

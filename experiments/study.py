@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from eval import _pyplot
+from eval import pyplot
 from experiments.compare import eval_curve, load_runs, median_reached, rollouts_to_reach, seed_stat
 
 ORACLE_OF = {"grpo": "grpo_oracle", "grpo_dynamic": "grpo_oracle", "grpo_history": "grpo_oracle", "grpo_oracle": "grpo_oracle",
@@ -206,7 +206,7 @@ def plot(data: dict, path: str):
     """Against each regime's uninformative share, one line per method: (left) the median rollout ratio to
     GRPO, where it is defined; (right) the median final exact accuracy minus GRPO's, at the same budget
     (dynamic sampling spends more)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     regimes = [r for r in data if "_" not in r and "grpo" in data[r]]  # the regimes, not their variants
     xs = {r: np.median([x for f in data[r].values() for x in f["uniform_equal"] if x is not None]) for r in regimes}
