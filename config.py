@@ -24,7 +24,7 @@ class Config:
     resume: str = ""  # a run directory: continue from its newest checkpoint (its config, then CLI overrides)
     max_steps: int = 250  # optimizer steps; the paper runs 150 on DeepScaleR
     device: str = "auto"  # auto | cpu | cuda | mps; under torchrun with CUDA each rank takes cuda:LOCAL_RANK
-    dtype: str = "float32"  # float32 | bfloat16: bf16 compute (autocast) with fp32 weights and AdamW state (paced_rl.amp)
+    dtype: str = "float32"  # float32 | bfloat16: bf16 compute (autocast) with fp32 weights and AdamW state (paced_rl.amp) | auto: bf16 where the hardware has it (distributed.bf16_pays)
     dist_timeout_s: int = 900  # process-group timeout: a dead rank stops the others after this long
     preset: str = ""  # a named set of defaults (PRESETS below, e.g. paper_math_1.5b); --key=value still wins
     method: str = ""  # a named method of methods.py (grpo, paced_greedy, tb_history, ...), applied after the preset
@@ -54,6 +54,7 @@ class Config:
     rollout_batch: int = 0  # prompts per generation call (bounds KV-cache memory); 0 = all of a rank's prompts
     micro_batch: int = 0  # samples per forward/backward; gradients accumulate, one sync per step; 0 = all
     logit_chunk: int = 0  # response positions per output-head chunk, recomputed in backward (big vocabularies); 0 = all
+    shared_prefix: bool = False  # one forward per distinct prompt in the log-prob passes, its G responses continuing from its KV cache (paced_rl)
     updates_per_batch: int = 1  # optimizer steps per rollout batch, each on 1/U of its prompts (FlowRL's code: 16); 1 = on-policy
     temperature: float = 1.0  # sampling temperature (paper: 1.0); log-probs are of this distribution
     # --- algorithm
@@ -63,6 +64,7 @@ class Config:
     adv_eps: float = 1e-4  # GRPO / FlowRL advantage (r − group mean)/(group std + adv_eps) (TRL: 1e-4)
     clip_eps: float = 0.2  # GRPO: the token ratio π_θ/π_old is clipped to [1 − ε, 1 + ε] (TRL: 0.2)
     grpo_agg: str = "token_mean"  # GRPO loss aggregation: token_mean (Σ tokens / global token count) | seq_mean
+    kl_every: int = 1  # log β·KL(π_old ‖ π_θ) every this many steps: one no-grad pass over the fresh samples after the update; 0 = never
     kl_coef: float = 0.0  # GRPO: weight of the per-token k3 KL to the initial model (TRL default: 0); > 0 loads π_ref
     flowrl_reward_mult: float = 15.0  # FlowRL: multiplier of the group-normalized reward in the residual (authors: 15)
     flowrl_is_clip: float = 10.0  # FlowRL: importance weight min(clip, π_θ/π_old) of a sequence, detached (authors: 10)
@@ -204,7 +206,7 @@ def check_config(cfg: Config):
     choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
                "select": ("paced", "uniform", "history", "regress", "hybrid", "oracle"),
                "history_draw": ("thompson", "mean"), "exact_metrics": ("auto", "on", "off"), "replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
-               "dtype": ("float32", "bfloat16"), "logz_output": ("sigmoid", "linear"),
+               "dtype": ("float32", "bfloat16", "auto"), "logz_output": ("sigmoid", "linear"),
                "logz_features": ("mean", "mean_last"), "attn_impl": ("sdpa", "flash_attention_2", "eager")}
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
@@ -217,7 +219,7 @@ def check_config(cfg: Config):
     for k in ("tau", "explore_frac", "logz_init_acc"):
         if not 0 <= getattr(cfg, k) <= 1:
             raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
-    for k in ("adv_eps", "clip_eps", "kl_coef", "flowrl_reward_mult", "flowrl_is_clip"):
+    for k in ("adv_eps", "clip_eps", "kl_coef", "kl_every", "flowrl_reward_mult", "flowrl_is_clip"):
         if getattr(cfg, k) < 0:
             raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
     if cfg.algo == "flowrl" and (cfg.select != "uniform" or cfg.replay != "off"):

@@ -50,6 +50,27 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
+def bf16_pays(device, cpu_flags: str = None) -> tuple:
+    """(whether bf16 compute is faster than fp32 here, why): the rule behind dtype=auto. A CUDA GPU with
+    bf16 units (compute capability 8.0 on, Ampere and later); a CPU with native bf16 instructions
+    (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo: on this project's 2-core CPU a bf16 matmul runs at
+    334 GFLOP/s against 75 in fp32, RESULTS.md). Without them PyTorch emulates bf16 on the CPU, slower
+    than fp32 (its CPU autocast documentation), and MPS is left at fp32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major >= 8, f"CUDA compute capability {major}.{minor}" + ("" if major >= 8 else " (< 8.0: no bf16 units)")
+    if device.type != "cpu":
+        return False, f"device {device.type}"
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_flags = next((l for l in f if l.startswith("flags")), "")
+        except OSError:
+            cpu_flags = ""
+    found = [x for x in ("avx512_bf16", "amx_bf16") if x in cpu_flags.split()]
+    return bool(found), f"CPU with {' and '.join(found)}" if found else "CPU without avx512_bf16 or amx_bf16"
+
+
 def print0(*a, rank=0):
     if rank == 0:
         print(*a, flush=True)

@@ -5,6 +5,7 @@ from a config; the end-to-end tests share one small testbed (a shorter warm star
 built once per session in a temporary directory.
 """
 
+import copy
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 import checkpoint
 import config
 import data
+import distributed
 import eval as eval_lib
 import methods
 import metrics
@@ -164,6 +166,64 @@ def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(g0, g1, atol=1e-5)
     lm.zero_grad()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def test_shared_prefix_gives_the_plain_paths_logprobs_and_gradients(tiny):
+    """One prompt pass per distinct prompt (update.py's shared_prefix): the plain path's per-token log-probs
+    (1e-5 relative) and gradients (1e-4 relative, every tensor), with left-padded prompts of different
+    lengths, padding columns shared by every row, groups split and not adjacent (as replayed samples
+    are), the chunked output head and FlowRL's prompt state; zeros stay where the mask is 0."""
+    lm, tok = tiny
+    lm.train()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, len(tok), (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(9), ids(5), ids(12)]
+    rows = [0, 0, 0, 1, 1, 2, 1, 2, 0]  # the same prompt in rows that are not adjacent
+    pid, pm = paced_rl.left_pad([prompts[k] for k in rows], pad)
+    pid, pm = torch.nn.functional.pad(pid, (3, 0), value=pad), torch.nn.functional.pad(pm, (3, 0))  # padding in every row
+    resp, rm = paced_rl.right_pad([ids(n) + [eos] for n in (4, 7, 0, 3, 6, 6, 2, 5, 3)], pad)
+    resp, rm = torch.nn.functional.pad(resp, (0, 2), value=pad), torch.nn.functional.pad(rm, (0, 2))
+    w = torch.linspace(-1, 1, len(rows))
+    for chunk, state in ((0, False), (3, False), (0, True)):
+        got = []
+        for shared in (False, True):
+            lm.zero_grad()
+            out = paced_rl.token_logprobs(lm, pid, pm, resp, rm, 0.7, chunk, prompt_state=state, shared_prefix=shared)
+            lp, h = out if state else (out, None)
+            ((lp.sum(-1) * w).sum() + (h.sum() if state else 0)).backward()
+            got.append((lp.detach(), h.detach() if state else None, [p.grad.clone() for p in lm.parameters()]))
+        (lp0, h0, g0), (lp1, h1, g1) = got
+        assert ((lp1 - lp0).abs() <= 1e-5 * lp0.abs()).all(), (chunk, float((lp1 - lp0).abs().max()))
+        assert (lp1[rm == 0] == 0).all() and lp1.shape == rm.shape
+        if state:
+            assert rel_err(h1, h0) < 1e-5
+        assert all(rel_err(b, a) < 1e-4 for a, b in zip(g0, g1)), (chunk, max(rel_err(b, a) for a, b in zip(g0, g1)))
+    lm.zero_grad()
+    lm.eval()
+
+
+def test_shared_prefix_check_names_the_models_that_cannot_take_it(tiny):
+    lm, tok = tiny
+    assert paced_rl.shared_prefix_check(lm, len(tok), "cpu") is None
+
+    class NoCache(torch.nn.Module):  # a model that never returns a KV cache
+        def __init__(self):
+            super().__init__()
+            self.inner = lm
+
+        def forward(self, **kw):
+            return self.inner(**{**kw, "use_cache": False})
+
+    assert paced_rl.shared_prefix_check(NoCache(), len(tok), "cpu") == \
+        "RuntimeError: shared_prefix: NoCache returned no selectable KV cache (NoneType)"
+    ckpt_lm = copy.deepcopy(lm)
+    ckpt_lm.activation_checkpointing_enable()
+    assert paced_rl.shared_prefix_check(ckpt_lm, len(tok), "cpu") == "gradient checkpointing recomputes the forward without a KV cache"
 
 
 def test_generate_is_seeded_per_prompt_not_per_batch(tiny):
@@ -707,6 +767,30 @@ def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
         train.main(run_args(small_testbed, full, max_steps=2))
 
 
+def test_shared_prefix_update_matches_the_plain_one(small_testbed, tmp_path, capsys):
+    """The loop with shared_prefix on makes the plain loop's updates: with updates_per_batch = 2, replayed
+    samples that do not form whole groups and micro-batches that split groups, the same samples are drawn
+    (every discrete metric equal) and the losses, gradient norms and β·KL agree to 1e-4 relative.
+    kl_every = 2 measures β·KL on even steps only. A model that cannot take it (here: gradient
+    checkpointing) falls back to the plain path and the log says so."""
+    kw = dict(max_steps=4, eval_every=4, updates_per_batch=2, replay_per_step=3, micro_batch=3, kl_every=2)
+    rows = {}
+    for shared in ("false", "true"):
+        train.main(run_args(small_testbed, str(tmp_path / shared), shared_prefix=shared, **kw))
+        rows[shared] = train_rows(str(tmp_path / shared))
+    a, b = rows["false"], rows["true"]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3] and any(r["replayed"] % 4 for r in a.values())
+    for s in a:
+        assert {k: a[s].get(k) for k in compare.DISCRETE} == {k: b[s].get(k) for k in compare.DISCRETE}, s
+        for k in ("loss", "grad_norm", "acc_est_abs_err", "beta_kl"):
+            assert (a[s][k] is None) == (b[s][k] is None) and (a[s][k] is None or b[s][k] == pytest.approx(a[s][k], rel=1e-4)), (s, k)
+    assert [a[s]["beta_kl"] is None for s in a] == [False, True, False, True]
+    capsys.readouterr()
+    train.main(run_args(small_testbed, str(tmp_path / "gc"), max_steps=1, eval_every=4, shared_prefix="true", grad_ckpt="true"))
+    assert f"shared_prefix: off, one forward per sequence instead: {small_testbed}/model cannot take it (gradient checkpointing " \
+           "recomputes the forward without a KV cache)" in capsys.readouterr().out
+
+
 GOLDEN = os.path.join(HERE, "golden_metrics.json")
 
 
@@ -1152,11 +1236,26 @@ def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
                 assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-7), (ra["step"], k)
 
 
+def test_dtype_auto_takes_bf16_where_the_hardware_has_it(small_testbed, tmp_path, capsys):
+    """dtype=auto: bf16 compute on a CPU with native bf16 instructions (or a GPU with bf16 units), fp32
+    elsewhere (distributed.bf16_pays); the run says which and why."""
+    cpu = torch.device("cpu")
+    assert distributed.bf16_pays(cpu, "flags\t: fpu sse2 avx512f avx512_bf16") == (True, "CPU with avx512_bf16")
+    assert distributed.bf16_pays(cpu, "flags : avx2 amx_bf16 avx512_bf16") == (True, "CPU with avx512_bf16 and amx_bf16")
+    assert distributed.bf16_pays(cpu, "flags\t: fpu sse2 avx2 avx512f") == (False, "CPU without avx512_bf16 or amx_bf16")
+    assert distributed.bf16_pays(torch.device("mps"), "") == (False, "device mps")
+    fast, why = distributed.bf16_pays(cpu)
+    capsys.readouterr()
+    train.main(run_args(small_testbed, str(tmp_path / "auto"), max_steps=1, eval_every=4, dtype="auto"))
+    assert f"dtype=auto: {'bfloat16' if fast else 'float32'} ({why})" in capsys.readouterr().out
+
+
 def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_path):
-    """FSDP2 on 2 CPU processes (gloo): the same updates as one process, and exact resume."""
+    """FSDP2 on 2 CPU processes (gloo): the same updates as one process, and exact resume; with shared_prefix
+    (two forward calls of the sharded model before one backward) the same updates as without it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out = {k: str(tmp_path / k) for k in ("plain", "fsdp", "part")}
+    out = {k: str(tmp_path / k) for k in ("plain", "fsdp", "part", "shared")}
     base = run_args(small_testbed, "X", max_steps=4, eval_every=2, ckpt_every=2, replay_per_step=2)  # even: see docs/REFERENCE.md (FSDP)
     args = lambda name, *extra: [a.replace("=X", "=" + out[name]) for a in base] + list(extra)  # noqa: E731
 
@@ -1167,11 +1266,20 @@ def test_fsdp2_matches_plain_data_parallelism_and_resumes(small_testbed, tmp_pat
     ok(subprocess.run(torchrun + args("fsdp", "--fsdp=true"), cwd=HERE, env=env, capture_output=True, text=True))
     ok(subprocess.run(torchrun + args("part", "--fsdp=true", "--max_steps=2"), cwd=HERE, env=env, capture_output=True, text=True))
     ok(subprocess.run(torchrun + [f"--resume={out['part']}", "--max_steps=4"], cwd=HERE, env=env, capture_output=True, text=True))
-    plain, fsdp, part = (read_metrics(out[k]) for k in ("plain", "fsdp", "part"))
+    p = subprocess.run(torchrun + args("shared", "--fsdp=true", "--shared_prefix=true"), cwd=HERE, env=env, capture_output=True, text=True)
+    ok(p)
+    assert "shared_prefix: off" not in p.stdout
+    plain, fsdp, part, shared = (read_metrics(out[k]) for k in ("plain", "fsdp", "part", "shared"))
     for ra, rb in zip(plain, fsdp):
         for k in ("reward_mean", "loss", "acc_est_abs_err", "eval_acc", "param_checksum"):
             if k in ra:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-6), (ra["step"], k)
+    assert len(shared) == len(fsdp)
+    for ra, rb in zip(fsdp, shared):
+        assert {k: ra.get(k) for k in compare.DISCRETE} == {k: rb.get(k) for k in compare.DISCRETE}, ra["step"]
+        for k in ("loss", "grad_norm", "acc_est_abs_err", "beta_kl", "param_checksum"):
+            if ra.get(k) is not None:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), (ra["step"], k)
     assert [untimed(r) for r in fsdp] == [untimed(r) for r in part]  # resumed FSDP run = uninterrupted one
     from transformers import AutoModelForCausalLM  # the checkpoint holds the full (unsharded) HF weights
 

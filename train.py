@@ -44,7 +44,7 @@ import scheduler
 import verify
 from config import Config, make_config, parse_args
 from data import load_data, load_tokenizer, prompt_embedding_cache
-from distributed import all_sum, check_ranks_agree, gather, print0, setup_distributed, teardown
+from distributed import all_sum, bf16_pays, check_ranks_agree, gather, print0, setup_distributed, teardown
 from metrics import calibration
 from rollout import Batch, dynamic_sampling, roll_and_verify, seed_of
 from selection import NEEDS_EMBEDDINGS, Selector
@@ -93,6 +93,10 @@ def setup(cfg: Config) -> Run:
     if cfg.fsdp and cfg.prompts_per_step % (world * cfg.updates_per_batch):
         raise SystemExit(f"config: with --fsdp, prompts_per_step={cfg.prompts_per_step} must be divisible by world size "
                          f"× updates_per_batch = {world * cfg.updates_per_batch} (every rank steps in lockstep)")
+    if cfg.dtype == "auto":  # bf16 compute where the hardware has native bf16 (distributed.bf16_pays)
+        fast, why = bf16_pays(device)
+        cfg = dataclasses.replace(cfg, dtype="bfloat16" if fast else "float32")
+        log(f"dtype=auto: {cfg.dtype} ({why})")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if rank == 0:
         tasks.ensure_for(cfg, log)  # the bundled tasks that the run's model or data point into, built on first use
@@ -119,6 +123,10 @@ def setup(cfg: Config) -> Run:
               emb_train.to(device) if emb_train is not None else None, emb_eval,
               scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select != "uniform" else cfg.prompts_per_step, cfg.seed),
               None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
+    # probed after the parameters are listed: a sharded root stays unsharded after a forward call without backward
+    if cfg.shared_prefix and (why := paced_rl.shared_prefix_check(policy.lm, len(tokenizer), device)):
+        log(f"shared_prefix: off, one forward per sequence instead: {cfg.model} cannot take it ({why})")
+        run.cfg = cfg = dataclasses.replace(cfg, shared_prefix=False)
     exact_on = cfg.exact_metrics == "on" or (cfg.exact_metrics == "auto" and cfg.verifier == "testbed")
     exact_train = (lambda idx: exact_of(run, [run.train_toks[j] for j in idx], [run.answers[j] for j in idx])[0]) if exact_on else None
     run.exact_eval = (lambda: exact_of(run, run.eval_toks, run.eval_answers)) if exact_on else None  # (acc, pruned mass)
@@ -240,7 +248,7 @@ def gather_groups(run: Run, batch: Batch, acc, p_hat) -> list:
     return sorted(sum(gather([(j, float(a), float(p)) for j, a, p in zip(batch.idx, acc, p_hat)], run.world), []))
 
 
-def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, upd: Update, kl: float, drawn, timer) -> dict:
+def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, upd: Update, kl, drawn, timer) -> dict:
     """Step 6: every metric reduced over all ranks (timings are added by the loop)."""
     cfg, paced, eos = run.cfg, run.cfg.algo == "paced", run.tokenizer.eos_token_id
     acc_all, p_all = np.array([r[1] for r in recs]), np.array([r[2] for r in recs])
@@ -254,7 +262,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
         "skipped_updates": run.skipped,
         **(calibration(p_all, acc_all) if paced and recs else {"acc_est_abs_err": None, "acc_est_corr": None}),
         "p_hat_mean": float(p_all.mean()) if paced and recs else None,
-        "beta_kl": cfg.beta * tot(kl) / n,
+        "beta_kl": cfg.beta * tot(kl) / n if kl is not None else None,  # None: not measured this step (kl_every)
         "zero_var_frac": zero_var if zero_var is not None else float(np.mean((acc_all == 0) | (acc_all == 1))),
         "train_prompts": n_train,
         "resp_len": tot(batch.rmask.sum()) / n,
@@ -270,6 +278,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}."""
     run = setup(cfg)
+    cfg = run.cfg  # as resolved by setup (dtype=auto, a shared_prefix the model cannot take)
     stop = ckpt.StopSignal()
     start_step = run.step
     bar = tqdm(range(run.step, cfg.max_steps), initial=run.step, total=cfg.max_steps, disable=run.rank != 0, desc="train")
@@ -298,7 +307,7 @@ def train(cfg: Config) -> dict:
             add_to_replay(run, batch, acc, p_hat, upd.logp_old)
         t5 = time.time()
         run.policy.eval()
-        kl = kl_sum(run.policy.lm, batch, upd.logp_old, cfg)  # β·KL(π_old ‖ π_θ): Proposition 4.1's gap
+        kl = kl_sum(run.policy.lm, batch, upd.logp_old, cfg) if cfg.kl_every and step % cfg.kl_every == 0 else None  # Prop. 4.1's gap
         groups = gather_groups(run, batch, acc, p_hat)
         run.selector.observe([g[0] for g in groups], [g[1] for g in groups])  # history, regressor: learn from this step
         row.update(step_metrics(run, batch, groups, zero_var, reward_sum, n_train, upd, kl, drawn, timer))  # 6. log
