@@ -119,7 +119,7 @@ _PAPER_MATH = dict(
     prompt_suffix=" Let's think step by step and output the final answer within \\boxed{}.",
     group_size=8, temperature=1.0, max_prompt_tokens=1024, max_new_tokens=3072, beta=0.05, tau=0.5,
     lr=1e-6, weight_decay=0.1, max_steps=150, prompts_per_step=128, pool_size=512, eval_every=10,
-    eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", logz_hidden=1024, verifier_workers=8,
+    eval_samples=4, eval_batch=64, ckpt_every=10, dtype="bfloat16", shared_prefix=True, logz_hidden=1024, verifier_workers=8,
     testbed_dir="", out_dir="runs/paper_math")
 # SmolLM2-135M-Instruct on natural-language arithmetic (tasks/smollm2.py), sized for a 2-core CPU (RESULTS.md)
 _SMOL = "testbed/" + smollm2.SUBDIR
@@ -129,7 +129,7 @@ PRESETS = {
                           shot_response=smollm2.SHOT[1], temperature=0.7, max_new_tokens=48, prompts_per_step=8,
                           group_size=8, pool_size=32, rollout_batch=0, micro_batch=16, logit_chunk=16, lr=1e-5,
                           max_steps=16, eval_every=8, eval_samples=2, eval_greedy=True, eval_batch=40, ckpt_every=8,
-                          out_dir="runs/smollm2"),
+                          shared_prefix=True, dtype="auto", kl_every=4, out_dir="runs/smollm2"),
     "paper_math_1.5b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-1.5B", "micro_batch": 16, "rollout_batch": 64,
                         "logit_chunk": 512},
     "paper_math_7b": {**_PAPER_MATH, "model": "Qwen/Qwen2.5-Math-7B", "micro_batch": 4, "rollout_batch": 32,

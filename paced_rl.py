@@ -57,10 +57,14 @@ class LogZHead(nn.Module):
         self.mu.copy_(emb.mean(0))
         self.sigma.copy_(emb.std(0).clamp(min=1e-6))
 
-    def p_hat(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units (fp32 under amp)."""
+    def raw(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        """The MLP's output: p̂'s logit under the sigmoid output, p̂ itself under the linear one (fp32 under amp)."""
         with torch.autocast(device_type=emb.device.type, enabled=False):
-            out = self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
+            return self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
+
+    def p_hat(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units."""
+        out = self.raw(emb)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
@@ -176,9 +180,11 @@ def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_t
     tokens = []
     for _ in range(max_new_tokens):
         if temperature > 0:
-            u = torch.stack([torch.rand((G, logits.size(-1)), generator=g, device=g.device) for g in gens])
-            gumbel = -torch.log(-torch.log(u.view(B * G, -1).clamp(1e-20, 1 - 1e-7)))
-            tok = (logits / temperature + gumbel.to(logits.device)).argmax(-1)
+            u = torch.empty((B, G, logits.size(-1)), device=gens[0].device)  # each prompt's noise from its own generator
+            for b, g in enumerate(gens):
+                torch.rand((G, logits.size(-1)), generator=g, device=g.device, out=u[b])
+            gumbel = u.view(B * G, -1).clamp_(1e-20, 1 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place
+            tok = (logits / temperature).add_(gumbel.to(logits.device)).argmax(-1)
         else:
             tok = logits.argmax(-1)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)

@@ -1874,18 +1874,28 @@ def test_study_table_where_grpo_ends_below_its_start(tmp_path):
     assert os.path.getsize(tmp_path / "out" / "study_savings.png") > 0
 
 
-def test_bench_prints_the_phase_split(capsys):
-    """The phases' times add up to the step, their shares to 100 %, and the throughputs follow from the shape."""
-    bench.main(["--prompts=4", "--group_size=2", "--steps=1", "--pool_size=64", "--micro_batch=3", "--rollout_batch=2"])
+def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
+    """Every mode's phases add up to its step, the ratio row is each step over `off`'s, the rollout tokens/s
+    follow from the shape, the update's responses are cut to lengths in [response_min, response_len]."""
+    res = bench.main(["--prompts=4", "--group_size=2", "--steps=1", "--pool_size=64", "--micro_batch=3", "--rollout_batch=2",
+                      "--prompt_max=12", "--response_min=3", "--kl_every=2"])
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"^\| ([^|]+?) \| ([0-9.]+) \|", out, re.M))
-    phases = ["select (Z_φ over the pool + top-B)", "rollout", "verify", "replay buffer", "update (fwd + bwd + AdamW)"]
-    assert set(phases) | {"step"} == set(rows)
-    assert sum(float(rows[p]) for p in phases) == pytest.approx(float(rows["step"]), abs=5e-4)
-    shares = [float(x) for x in re.findall(r"^\| [^|]+ \| [0-9.]+ \| ([0-9.]+)% \|", out, re.M)]
-    assert len(shares) == 5 and sum(shares) == pytest.approx(100, abs=0.5)
-    roll_tps = float(re.search(r"rollout: ([0-9,]+) tokens/s", out).group(1).replace(",", ""))
-    assert roll_tps == pytest.approx(4 * 2 * 6 / float(rows["rollout"]), rel=0.05)  # B·G·response_len / rollout time
+    names = re.search(r"^\| s / step \| (.+) \|$", out, re.M).group(1).split(" | ")
+    assert names == list(bench.MODES) == list(res)
+    rows = {m.group(1): [float(x.replace(",", "")) for x in m.group(2).split(" | ")]
+            for m in re.finditer(r"^\| ([^|]+?) \| ([0-9.,]+(?: \| [0-9.,]+)*) \|$", out, re.M)}
+    assert set(bench.PHASES) | {"step", "step ÷ off", "rollout tokens/s", "update tokens/s", "peak memory (GiB)"} == set(rows)
+    for i, n in enumerate(names):
+        assert sum(res[n]["phases"]) == pytest.approx(res[n]["step"]) and rows["step"][i] == pytest.approx(res[n]["step"], abs=1e-4)
+        assert rows["step ÷ off"][i] == pytest.approx(res[n]["step"] / res["off"]["step"], abs=1e-3)
+        assert rows["rollout tokens/s"][i] == pytest.approx(4 * 2 * 6 / res[n]["phases"][1], rel=1e-3)  # B·G·response_len
+        assert rows["peak memory (GiB)"][i] > 0
+    lo, hi = map(int, re.search(r"the update's responses (\d+)-(\d+)", out).groups())
+    assert 3 <= lo <= hi <= 6 and re.search(r"prompts (\d+)-(\d+) tokens", out)
+    with pytest.raises(SystemExit, match=re.escape("bench: unknown mode(s) ['fast']; known: " + str(list(bench.MODES)))):
+        bench.main(["--modes=fast"])
+    with pytest.raises(SystemExit, match=re.escape("bench: unknown argument '--dtype=bfloat16'")):
+        bench.main(["--dtype=bfloat16"])
     if not torch.cuda.is_available():  # on CPU, a shape whose training state cannot fit is refused up front
         with pytest.raises(SystemExit, match="run it on a GPU"):
             bench.main(["--shape=qwen2.5-7b"])
@@ -1913,7 +1923,7 @@ IMPORTS = {
     "tasks.exact": ["distributed", "paced_rl"],
     "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "scheduler"],
     "experiments.study": ["eval", "experiments.compare"],
-    "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "update", "verify"],
+    "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "tb_loss", "update", "verify"],
 }
 
 

@@ -248,6 +248,16 @@ def gather_groups(run: Run, batch: Batch, acc, p_hat) -> list:
     return sorted(sum(gather([(j, float(a), float(p)) for j, a, p in zip(batch.idx, acc, p_hat)], run.world), []))
 
 
+@torch.no_grad()
+def logz_diagnostics(run: Run, idx, upd: Update) -> dict:
+    """What a saturating or swinging Z_φ shows first: the MLP's raw output over this step's prompts after the
+    update (p̂'s logit under the sigmoid: beyond ±7, p̂ is within 10⁻³ of 0 or 1 and its gradient vanishes), the
+    head's gradient norm and how far Adam moved φ in this step."""
+    raw = run.policy.logz.raw(run.emb_train[torch.as_tensor(idx, device=run.device)]).cpu().numpy()
+    return {"logz_raw_mean": float(raw.mean()), "logz_raw_min": float(raw.min()), "logz_raw_max": float(raw.max()),
+            "logz_grad_norm": float(np.mean(upd.logz_grad_norms)), "logz_step_norm": upd.logz_step_norm}
+
+
 def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, upd: Update, kl, drawn, timer) -> dict:
     """Step 6: every metric reduced over all ranks (timings are added by the loop)."""
     cfg, paced, eos = run.cfg, run.cfg.algo == "paced", run.tokenizer.eos_token_id
@@ -262,6 +272,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
         "skipped_updates": run.skipped,
         **(calibration(p_all, acc_all) if paced and recs else {"acc_est_abs_err": None, "acc_est_corr": None}),
         "p_hat_mean": float(p_all.mean()) if paced and recs else None,
+        **(logz_diagnostics(run, [r[0] for r in recs], upd) if paced and recs else {}),
         "beta_kl": cfg.beta * tot(kl) / n if kl is not None else None,  # None: not measured this step (kl_every)
         "zero_var_frac": zero_var if zero_var is not None else float(np.mean((acc_all == 0) | (acc_all == 1))),
         "train_prompts": n_train,

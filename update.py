@@ -32,6 +32,8 @@ class Update:
     grad_norms: list  # θ's gradient norm before clipping, per optimizer step
     logp_old: torch.Tensor  # (nG,) log π_old(y|x) of this rank's fresh samples
     skipped: int  # optimizer steps skipped (non-finite loss or gradient, or no samples)
+    logz_grad_norms: list = None  # the log Z head's gradient norm, per optimizer step (0 without a head)
+    logz_step_norm: float = 0.0  # ‖φ after − φ before‖ over this step's optimizer steps: the size of Adam's moves
 
 
 def fresh_samples(batch, cfg, emb_train, old_tok=None) -> dict:
@@ -62,7 +64,8 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
     G, U = cfg.group_size, cfg.updates_per_batch
     n_rep = replayed["resp"].size(0) if replayed is not None else 0
     gpos = [rank + k * world for k in range(len(fresh["idx"]))]
-    losses, gnorms, old_parts, skipped = [], [], [], 0
+    losses, gnorms, znorms, old_parts, skipped = [], [], [], [], 0
+    phi0 = [p.detach().clone() for p in policy.logz.parameters()] if policy.logz is not None else []
     for u in range(U):
         ks = [k for k, p in enumerate(gpos) if u * n_train // U <= p < (u + 1) * n_train // U]
         f_u = take(fresh, slice(ks[0] * G, (ks[-1] + 1) * G)) if ks else None
@@ -94,8 +97,10 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
         opt.zero_grad(set_to_none=True)
         losses.append(global_loss)
         gnorms.append(gnorm)
+        znorms.append(gnorm_z)
     logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
-    return Update(losses, gnorms, logp_old, skipped)
+    moved = float(sum((p.detach() - p0).pow(2).sum() for p, p0 in zip(policy.logz.parameters(), phi0)) ** 0.5) if phi0 else 0.0
+    return Update(losses, gnorms, logp_old, skipped, znorms, moved)
 
 
 def build_policy(cfg, model_path: str, emb_train, dtype, device, world):

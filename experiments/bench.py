@@ -1,16 +1,28 @@
-"""Benchmark one PACED-RL step, split into select / rollout / verify / update.
+"""Benchmark one training step, split into its phases, and what each speed switch buys, in one run.
 
-    python -m experiments.bench                      # CPU: a testbed-shaped model, float32
-    python -m experiments.bench --shape=qwen2.5-1.5b # GPU: a Qwen2.5-1.5B-shaped model from its config, bf16
-    python -m experiments.bench --shape=smollm2-135m --prompts=8 --prompt_len=70 --response_len=64 --micro_batch=16 --logit_chunk=16
-                                                     # CPU: the smollm2_arith preset's step
+    python -m experiments.bench                      # CPU: a testbed-shaped model
+    python -m experiments.bench --shape=smollm2-135m --prompts=8 --prompt_len=83 --prompt_max=102 --response_len=48 \
+        --response_min=20 --micro_batch=16 --logit_chunk=16 --steps=1   # CPU: the smollm2_arith preset's step
+    python -m experiments.bench --shape=qwen2.5-1.5b --prompts=64 --prompt_len=512 --response_len=1024  # GPU
 
 No download: the model is built from a config with random weights (speed does not depend on the
-weights), prompts are random tokens of length --prompt_len, and every response runs to
---response_len tokens (EOS is never sampled), so the work per step is fixed. Prints the time of each
-phase, rollout and update tokens/s, peak memory, and on a GPU the update's model-FLOPs utilization
-(6·N·tokens, attention excluded, against the device's dense bf16 peak) and the rollout throughput as a
-fraction of the memory-bandwidth bound (every decode step reads all weights and the KV cache once).
+weights) and prompts are random tokens, --prompt_len to --prompt_max long. Rollouts run to
+--response_len tokens (EOS is never sampled: of G·B samples the longest decides a rollout's length);
+the update then sees each response cut at a length drawn from [--response_min, --response_len], as the
+loop's masks would. The step runs under each mode of --modes:
+
+    off            fp32 compute, one forward per sequence, the β·KL pass every step
+    bf16           dtype=bfloat16: bf16 compute under autocast, fp32 weights (paced_rl.amp)
+    shared_prefix  one prompt pass per group in the update and the β·KL pass (paced_rl.token_logprobs)
+    kl_every       the β·KL pass every --kl_every steps (its time divided by k)
+    all            the three together
+
+and prints, per mode, the phases' seconds, the step as a ratio to `off`, tokens per second and peak
+memory (CPU: the process's peak resident set, reset between modes; GPU: peak allocated), and on a
+GPU the update's model-FLOPs utilization (6·N·tokens, attention excluded, against the device's dense
+bf16 peak) and the rollout's throughput as a share of the memory-bandwidth bound. The update's
+tokens/s count G·prompt + response tokens in every mode (the work of the plain path), so shared_prefix
+shows as more tokens per second.
 """
 
 import dataclasses
@@ -25,6 +37,7 @@ import torch
 import paced_rl
 import replay
 import scheduler
+import tb_loss
 import update
 import verify
 from config import Config
@@ -39,6 +52,10 @@ SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
 PEAKS = {  # dense bf16 FLOP/s and memory bandwidth in B/s, from the vendors' data sheets
     "H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12), "A6000": (155e12, 0.77e12),
 }
+MODES = {"off": {}, "bf16": {"dtype": "bfloat16"}, "shared_prefix": {"shared_prefix": True}, "kl_every": {"kl": True},
+         "all": {"dtype": "bfloat16", "shared_prefix": True, "kl": True}}
+PHASES = ("select (Z_φ over the pool + top-B)", "rollout", "verify", "replay buffer", "update (fwd + bwd + AdamW)",
+          "β·KL pass (per step)")
 
 
 @dataclasses.dataclass
@@ -46,131 +63,173 @@ class Bench:
     shape: str = "testbed"  # a key of SHAPES
     prompts: int = 32  # B prompts per step (one process)
     group_size: int = 8  # G responses per prompt
-    prompt_len: int = 8  # tokens per prompt
-    response_len: int = 6  # tokens per response (no early EOS)
+    prompt_len: int = 8  # tokens per prompt (the shortest)
+    prompt_max: int = 0  # the longest prompt; lengths drawn uniformly in between (0 = all prompt_len)
+    response_len: int = 6  # tokens per rollout (no early EOS): the length cap
+    response_min: int = 0  # the update's responses are cut to lengths drawn from [response_min, response_len] (0 = none cut)
     rollout_batch: int = 0  # prompts per generation call; 0 = all
     micro_batch: int = 0  # samples per forward/backward; 0 = all
-    pool_size: int = 64  # candidates scored by Z_φ per step (the testbed's pool_size), a quarter of B explored
-    steps: int = 3  # timed steps (after one warm-up step)
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    grad_ckpt: bool = False  # gradient checkpointing in the update
     logit_chunk: int = 0  # response positions per output-head chunk (large vocabularies); 0 = all
+    pool_size: int = 64  # candidates scored by Z_φ per step (the testbed's pool_size), a quarter of B explored
+    kl_every: int = 4  # the kl_every mode's k
+    modes: str = ",".join(MODES)  # comma-separated names of MODES
+    steps: int = 3  # timed steps per mode (after one warm-up step)
+    grad_ckpt: bool = False  # gradient checkpointing in the update
 
 
-def build(b: Bench, device, dtype):
+def parse(argv) -> Bench:
+    b, fields = Bench(), {f.name: f.type for f in dataclasses.fields(Bench)}
+    for a in argv:
+        k, _, v = a[2:].partition("=")
+        if not a.startswith("--") or k not in fields:
+            raise SystemExit(f"bench: unknown argument {a!r}; fields: {sorted(fields)}")
+        setattr(b, k, v.lower() in ("1", "true", "on") if fields[k] in (bool, "bool") else type(getattr(b, k))(v))
+    bad = [m for m in b.modes.split(",") if m not in MODES]
+    if bad:
+        raise SystemExit(f"bench: unknown mode(s) {bad}; known: {list(MODES)}")
+    return b
+
+
+def build(b: Bench, device):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     h, inter, layers, heads, kv, vocab = SHAPES[b.shape]
-    Config_, Model = (LlamaConfig, LlamaForCausalLM) if b.shape.startswith("smollm2") else (Qwen2Config, Qwen2ForCausalLM)
+    Config_, Model = (LlamaConfig, LlamaForCausalLM) if b.shape.startswith(("smollm2", "testbed")) else (Qwen2Config, Qwen2ForCausalLM)
     cfg = Config_(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=b.prompt_len + b.response_len + 8,
-                      tie_word_embeddings=b.shape != "qwen2.5-7b")
-    lm = Model(cfg).to(device=device, dtype=dtype)
+                  num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=max(b.prompt_len, b.prompt_max) + b.response_len + 8,
+                  tie_word_embeddings=b.shape != "qwen2.5-7b")
+    lm = Model(cfg).to(device)  # fp32 weights, as the loop holds them (bf16 is autocast)
     if b.grad_ckpt:
-        lm.gradient_checkpointing_enable()
+        lm.activation_checkpointing_enable()
     return lm
 
 
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 2**20
+    except (OSError, StopIteration):  # not Linux: the process's peak so far, over every mode run before
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main(argv):
-    b = Bench(**{k: type(getattr(Bench(), k))(v) if not isinstance(getattr(Bench(), k), bool) else v.lower() in ("1", "true", "on")
-                 for k, v in (a[2:].split("=", 1) for a in argv)})
+    b = parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[b.dtype]
     h, inter, layers, _, _, vocab = SHAPES[b.shape]
     approx_params = layers * (4 * h * h + 3 * h * inter) + vocab * h
-    need = approx_params * (dtype.itemsize * 2 + 8)  # weights, gradients, AdamW's two float32 moments
+    need = approx_params * 16  # fp32 weights and gradients, AdamW's two fp32 moments
     if device.type == "cpu":
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         if need > 0.8 * avail:
             raise SystemExit(f"bench: the {b.shape} shape needs about {need / 2**30:.0f} GiB for training state and this "
                              f"machine has {avail / 2**30:.0f} GiB free: run it on a GPU")
     torch.manual_seed(0)
-    lm = build(b, device, dtype)
+    lm = build(b, device)
     n_params = sum(p.numel() for p in lm.parameters())
-    H, vocab = lm.config.hidden_size, lm.config.vocab_size
-    cfg = Config(group_size=b.group_size, max_new_tokens=b.response_len, rollout_batch=b.rollout_batch,
-                 micro_batch=b.micro_batch, logit_chunk=b.logit_chunk, temperature=1.0, prompts_per_step=b.prompts,
-                 pool_size=b.pool_size, explore_frac=0.25)
-    logz = paced_rl.LogZHead(H, 256, cfg.beta, 0.5).to(device)
+    H, vocab, B, G, R = lm.config.hidden_size, lm.config.vocab_size, b.prompts, b.group_size, b.response_len
+    base = Config(group_size=G, max_new_tokens=R, rollout_batch=b.rollout_batch, micro_batch=b.micro_batch,
+                  logit_chunk=b.logit_chunk, temperature=1.0, prompts_per_step=B, pool_size=b.pool_size, explore_frac=0.25)
+    logz = paced_rl.LogZHead(H, 256, base.beta, 0.5).to(device)
     policy = paced_rl.Policy(lm, logz)
     opt = torch.optim.AdamW([{"params": lm.parameters(), "lr": 1e-6}, {"params": logz.parameters(), "lr": 1e-3}])
-    pool = scheduler.PromptPool(max(b.pool_size, b.prompts), b.pool_size, seed=0)
-    emb = torch.randn(max(b.pool_size, b.prompts), H, device=device)
-    selector = Selector(cfg, pool.n, emb, None, np.random.default_rng(0))
+    pool = scheduler.PromptPool(max(b.pool_size, B), b.pool_size, seed=0)
+    emb = torch.randn(max(b.pool_size, B), H, device=device)
+    selector = Selector(base, pool.n, emb, None, np.random.default_rng(0))
     buf = replay.ReplayBuffer(128, 64)
     rng = np.random.default_rng(0)
-    prompts = [torch.randint(3, min(vocab, 1000), (b.prompt_len,)).tolist() for _ in range(b.prompts)]
+    lens = rng.integers(b.prompt_len, max(b.prompt_len, b.prompt_max) + 1, B)
+    prompts = [torch.randint(3, min(vocab, 1000), (int(n),)).tolist() for n in lens]
+    cut = rng.integers(b.response_min or R, R + 1, B * G)  # each response's length in the update
     pad, no_eos = 0, -1  # responses never end early
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def step():
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def step(cfg, kl_k):
         t = [time.perf_counter()]
         with torch.no_grad():  # select: score the pool with Z_φ, pick B near τ (the loop's own selector)
             selector.choose(pool, lambda i: logz.p_hat(emb[torch.as_tensor(i, device=device)]).float().cpu().numpy())
         sync(); t.append(time.perf_counter())
         pid, pmask = paced_rl.left_pad(prompts, pad, device)
         lm.eval()
-        size = b.rollout_batch or b.prompts
-        resp = torch.cat([paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], b.group_size,
-                                            paced_rl.make_generators(range(i, i + size), device), b.response_len,
-                                            1.0, no_eos, pad) for i in range(0, b.prompts, size)])
+        size = b.rollout_batch or B
+        with paced_rl.amp(device, cfg.dtype == "bfloat16"):
+            resp = torch.cat([paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], G, paced_rl.make_generators(range(i, i + size), device),
+                                                R, 1.0, no_eos, pad) for i in range(0, B, size)])
         sync(); t.append(time.perf_counter())
         texts = [" ".join(map(str, r[:4].tolist())) for r in resp.cpu()]  # verify: a cheap exact-match verifier
         rewards, _ = verify.score(verify.testbed_reward, texts, ["7"] * len(texts))
-        reward = torch.tensor(rewards, device=device)
         t.append(time.perf_counter())
-        drawn = buf.sample(16, rng)  # replay bookkeeping, as in train.py
+        buf.sample(16, rng)  # replay bookkeeping, as in train.py
         buf.add([{"prompt": int(i), "response": [1, 2], "priority": float(p), "logp_behavior": -1.0}
-                 for i, p in enumerate(rng.random(b.prompts * b.group_size // 2))])
+                 for i, p in enumerate(rng.random(B * G // 2))])
         t.append(time.perf_counter())
         lm.train()
-        rmask = torch.ones_like(resp)
-        batch = {"pid": pid.repeat_interleave(b.group_size, 0), "pmask": pmask.repeat_interleave(b.group_size, 0),
-                 "resp": resp, "rmask": rmask, "reward": reward, "behavior": None, "train_logz": True,
-                 "emb": emb[:b.prompts].repeat_interleave(b.group_size, 0)}
+        rmask = (torch.arange(R, device=device)[None] < torch.as_tensor(cut, device=device)[:, None]).long()
+        resp = resp * rmask
+        batch = {"pid": pid.repeat_interleave(G, 0), "pmask": pmask.repeat_interleave(G, 0), "resp": resp, "rmask": rmask,
+                 "reward": torch.tensor(rewards, device=device), "behavior": None, "train_logz": True,
+                 "emb": emb[:B].repeat_interleave(G, 0)}
         update.loss_backward(policy, None, batch, cfg, resp.size(0))
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(); t.append(time.perf_counter())
-        return np.diff(t), len(drawn)
+        lm.eval()  # β·KL(π_old ‖ π_θ): the loop's no-grad pass after the update (train.py, kl_sum)
+        new = update.logprobs_nograd(lm, batch["pid"], batch["pmask"], resp, rmask, cfg)
+        tb_loss.kl_k3(new.detach(), new).sum().item()
+        sync(); t.append(time.perf_counter())
+        dt = np.diff(t)
+        dt[-1] /= kl_k  # one pass every k steps
+        return dt
 
-    step()  # warm-up
+    res = {}
+    for name in b.modes.split(","):
+        m = MODES[name]
+        cfg = dataclasses.replace(base, dtype=m.get("dtype", "float32"), shared_prefix=m.get("shared_prefix", False))
+        kl_k = b.kl_every if m.get("kl") else 1
+        peak_memory_reset(device)
+        step(cfg, kl_k)  # warm-up
+        res[name] = (np.mean([step(cfg, kl_k) for _ in range(b.steps)], axis=0), peak_memory_gib(device))
+    n_roll_tok = B * G * R
+    n_upd_tok = int(G * lens.sum() + cut.sum())  # the real prompt and response tokens the update trains on
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {dev}; model: {b.shape}-shaped, {n_params / 1e6:.1f} M parameters, fp32 weights; B={B} G={G} prompts "
+          f"{lens.min()}-{lens.max()} tokens, rollouts {R} tokens, the update's responses {cut.min()}-{cut.max()} "
+          f"(mean {cut.mean():.1f}); kl_every={b.kl_every}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    names = list(res)
+    print("| s / step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for i, label in enumerate(PHASES):
+        print(f"| {label} | " + " | ".join(f"{res[n][0][i]:.4f}" for n in names) + " |")
+    steps = {n: float(res[n][0].sum()) for n in names}
+    print("| step | " + " | ".join(f"{steps[n]:.4f}" for n in names) + " |")
+    if "off" in res:
+        print("| step ÷ off | " + " | ".join(f"{steps[n] / steps['off']:.3f}" for n in names) + " |")
+    print("| rollout tokens/s | " + " | ".join(f"{n_roll_tok / res[n][0][1]:,.0f}" for n in names) + " |")
+    print("| update tokens/s | " + " | ".join(f"{n_upd_tok / res[n][0][4]:,.0f}" for n in names) + " |")
+    print("| peak memory (GiB) | " + " | ".join(f"{res[n][1]:.2f}" for n in names) + " |")
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = np.mean([step()[0] for _ in range(b.steps)], axis=0)
-    sel, roll, ver, rep, upd = times
-    total = times.sum()
-    n_resp_tok = b.prompts * b.group_size * b.response_len
-    n_upd_tok = b.prompts * b.group_size * (b.prompt_len + b.response_len)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"device: {name}; model: {b.shape}-shaped, {n_params / 1e6:.1f} M parameters, {str(dtype)[6:]}; "
-          f"B={b.prompts} G={b.group_size} prompt {b.prompt_len} + response {b.response_len} tokens; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print("| phase | s / step | share |\n|---|---|---|")
-    for label, v in (("select (Z_φ over the pool + top-B)", sel), ("rollout", roll), ("verify", ver),
-                     ("replay buffer", rep), ("update (fwd + bwd + AdamW)", upd)):
-        print(f"| {label} | {v:.4f} | {v / total:.1%} |")
-    print(f"| step | {total:.4f} | |")
-    print(f"rollout: {n_resp_tok / roll:,.0f} tokens/s; update: {n_upd_tok / upd:,.0f} tokens/s; "
-          f"scheduler + replay: {(sel + rep) / total:.2%} of the step")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-        peak = next((v for k, v in PEAKS.items() if k in name), None)
-        if peak:
-            mfu = 6 * n_params * n_upd_tok / upd / peak[0]
-            kv_bytes = 2 * lm.config.num_hidden_layers * lm.config.num_key_value_heads * (H // lm.config.num_attention_heads) \
-                * (b.prompt_len + b.response_len) * (2 if dtype == torch.bfloat16 else 4)  # per sequence, at the end
-            seqs = (b.rollout_batch or b.prompts) * b.group_size
-            per_step_bytes = n_params * (2 if dtype == torch.bfloat16 else 4) + seqs * kv_bytes / 2  # KV on average half full
-            bound = seqs * peak[1] / per_step_bytes  # tokens/s if every decode step ran at full bandwidth
-            print(f"update MFU: {mfu:.1%} of {peak[0] / 1e12:.0f} TFLOP/s; rollout: {n_resp_tok / roll / bound:.1%} "
-                  f"of the bandwidth bound ({bound:,.0f} tokens/s at {peak[1] / 1e12:.2f} TB/s)")
+        peak = next((v for k, v in PEAKS.items() if k in dev), None)
+        if peak:  # rollout bound: every decode step reads the weights once (bf16 under autocast) and the KV cache
+            kv = 2 * layers * lm.config.num_key_value_heads * (H // lm.config.num_attention_heads) * (lens.mean() + R / 2) * 2
+            seqs = (b.rollout_batch or B) * G
+            bound = lambda n: seqs * peak[1] / (n_params * (2 if "bf16" in n or n == "all" else 4) + seqs * kv)  # noqa: E731
+            print("| update MFU | " + " | ".join(f"{6 * n_params * n_upd_tok / res[n][0][4] / peak[0]:.1%}" for n in names) + " |")
+            print("| rollout ÷ bandwidth bound | " + " | ".join(f"{n_roll_tok / res[n][0][1] / bound(n):.1%}" for n in names) + " |")
         else:
-            print(f"no peak figures for {name}: add it to PEAKS for MFU and the bandwidth bound")
-    else:
-        print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+            print(f"no peak figures for {dev}: add it to PEAKS for the update's MFU and the rollout's bandwidth bound")
+    return {n: {"phases": res[n][0].tolist(), "step": steps[n], "peak_gib": res[n][1]} for n in names}
 
 
 if __name__ == "__main__":
