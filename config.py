@@ -97,6 +97,7 @@ class Config:
     # --- optimization
     lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
     logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
+    logz_lr_fan_in: int = 0  # > 0: each Z_φ layer trains at logz_lr·sqrt(this/fan_in), so Adam moves every weight by the same share of its initial scale at any embedding width; 0 = logz_lr everywhere
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
@@ -219,7 +220,7 @@ def check_config(cfg: Config):
     for k in ("tau", "explore_frac", "logz_init_acc"):
         if not 0 <= getattr(cfg, k) <= 1:
             raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
-    for k in ("adv_eps", "clip_eps", "kl_coef", "kl_every", "flowrl_reward_mult", "flowrl_is_clip"):
+    for k in ("adv_eps", "clip_eps", "kl_coef", "kl_every", "logz_lr_fan_in", "flowrl_reward_mult", "flowrl_is_clip"):
         if getattr(cfg, k) < 0:
             raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
     if cfg.algo == "flowrl" and (cfg.select != "uniform" or cfg.replay != "off"):

@@ -57,6 +57,16 @@ class LogZHead(nn.Module):
         self.mu.copy_(emb.mean(0))
         self.sigma.copy_(emb.std(0).clamp(min=1e-6))
 
+    def param_groups(self, lr: float, ref_fan_in: int = 0) -> list:
+        """AdamW groups, no weight decay. ref_fan_in > 0: each linear layer at lr·sqrt(ref_fan_in/fan_in). Adam moves
+        every weight by about lr a step whatever its gradient's size; a layer's weights start at a scale of
+        1/sqrt(fan_in), so one lr is a larger relative step for a wider input, and standardized features of a real
+        model (576 for SmolLM2) move the first layer's outputs several units in one step. ref_fan_in = 0: lr everywhere."""
+        if ref_fan_in <= 0:
+            return [{"params": list(self.parameters()), "lr": lr, "weight_decay": 0.0}]
+        return [{"params": list(m.parameters()), "lr": lr * math.sqrt(ref_fan_in / m.in_features), "weight_decay": 0.0}
+                for m in self.net if isinstance(m, nn.Linear)]
+
     def raw(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
         """The MLP's output: p̂'s logit under the sigmoid output, p̂ itself under the linear one (fp32 under amp)."""
         with torch.autocast(device_type=emb.device.type, enabled=False):

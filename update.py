@@ -128,7 +128,9 @@ def build_policy(cfg, model_path: str, emb_train, dtype, device, world):
         logz = paced_rl.PooledLogZHead(lm.config.hidden_size)
     policy = paced_rl.Policy(lm, logz).to(device)
     groups = [{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if logz is not None:  # Z_φ has its own (far larger) learning rate and no weight decay
+    if isinstance(logz, paced_rl.LogZHead):  # Z_φ has its own (far larger) learning rate and no weight decay
+        groups += logz.param_groups(cfg.logz_lr, cfg.logz_lr_fan_in)
+    elif logz is not None:
         groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0})
     return policy, ref_lm, torch.optim.AdamW(groups)
 
