@@ -264,6 +264,51 @@ def test_saturated_accuracy_estimate_is_warned():
         assert paced_rl.saturation_warning(fine, 1) is None
 
 
+def train_logz_alone(D, lr, ref_fan_in, zero_steps=3, steps=40, seed=0):
+    """Z_φ alone under the TB loss at θ = θ_old (logp = anchor) with the loop's AdamW groups: 600 prompts whose D
+    features are correlated and unequally scaled like a real model's (SmolLM2: 576), mostly hard prompts, 8 of
+    them × 8 rewards a step: `zero_steps` steps of all-zero rewards, then rewards drawn at the true accuracies.
+    Returns (p̂ of each step's prompts before its update, per step; p̂ and true accuracy over all prompts at the end)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(600, 8, generator=g)
+    emb = z @ torch.randn(8, D, generator=g) + 0.5 * torch.randn(600, D, generator=g)
+    emb = emb * torch.rand(D, generator=g) * 3 + torch.randn(D, generator=g) * 5
+    acc = torch.sigmoid(2 * z[:, 0] - 1.5)
+    torch.manual_seed(seed)
+    head = paced_rl.LogZHead(D, 256, 0.05, 0.5)
+    head.set_normalization(emb)
+    opt = torch.optim.AdamW(head.param_groups(lr, ref_fan_in))
+    seen = []
+    for t in range(steps):
+        idx = torch.randperm(600, generator=g)[:8]
+        with torch.no_grad():
+            seen.append(head.p_hat(emb[idx]).numpy())
+        r = (torch.rand(8, 8, generator=g) < acc[idx, None]).float() if t >= zero_steps else torch.zeros(8, 8)
+        zero = torch.zeros(64)
+        loss = tb_loss.paced_tb_loss(head(emb[idx].repeat_interleave(8, 0)), zero, zero, r.reshape(-1), 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return seen, head.p_hat(emb).numpy(), acc.numpy()
+
+
+def test_logz_head_recovers_from_zero_rewards_at_a_real_models_width():
+    """The failure seen on SmolLM2 (RESULTS.md: Z_φ saturated at p̂ = 0 within three steps): 576-wide features and
+    a run of all-zero rewards. With the defaults' learning rates (logz_lr, logz_lr_fan_in) p̂ never saturates on
+    the prompts it is asked about and, once rewards are mixed, learns the accuracies (r > 0.8, mean error < 0.15);
+    one Adam learning rate of 1e-2 for every layer, as before, does not (seed 0: r −0.02, error 0.26, p̂ saturated on every
+    step from step 16 on)."""
+    cfg = config.Config()
+    for seed in (0, 1):
+        seen, p, a = train_logz_alone(576, cfg.logz_lr, cfg.logz_lr_fan_in, seed=seed)
+        assert all(paced_rl.saturation_warning(s, t) is None for t, s in enumerate(seen)), seed
+        assert np.corrcoef(p, a)[0, 1] > 0.8 and np.abs(p - a).mean() < 0.15, (seed, np.corrcoef(p, a)[0, 1], np.abs(p - a).mean())
+    seen, p, a = train_logz_alone(576, 1e-2, 0)  # the old head: every layer at 1e-2
+    assert np.corrcoef(p, a)[0, 1] < 0.7 and np.abs(p - a).mean() > 0.2
+    assert paced_rl.saturation_warning(seen[-1], 39) is not None
+
+
 # ----------------- tb_loss.py: the modified trajectory balance, Proposition 4.1, the baselines' losses
 
 def test_paced_tb_loss_hand_values():
