@@ -72,7 +72,7 @@ class Config:
     beta: float = 0.05  # KL strength; p̂ = β·log Z_φ (paper: 0.05, i.e. reward multiplier 20)
     tau: float = 0.5  # target accuracy of selected prompts (paper: 0.5)
     select: str = "paced"  # the predictor that picks B of the pool near τ: paced (β·log Z_φ) | uniform | history | regress | hybrid | oracle (selection.py)
-    explore_frac: float = 0.5  # share of the B prompts drawn uniformly from the rest of the pool (ours; 0 = paper)
+    explore_frac: float = 0.0  # share of the B prompts drawn uniformly from the rest of the pool (0: the paper's greedy rule; RESULTS.md)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     history_forget: float = 1.0  # history / hybrid: λ, old evidence discounted per observation (MoPPS recipe default: 1, none)
     history_prior_a: float = 1.0  # history: Beta prior α₀ of a prompt never rolled out (MoPPS: 1)
@@ -97,7 +97,7 @@ class Config:
     # --- optimization
     lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
     logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
-    logz_lr_fan_in: int = 0  # > 0: each Z_φ layer trains at logz_lr·sqrt(this/fan_in), so Adam moves every weight by the same share of its initial scale at any embedding width; 0 = logz_lr everywhere
+    logz_lr_fan_in: int = 96  # > 0: each Z_φ layer trains at logz_lr·sqrt(this/fan_in), so Adam moves every weight by the same share of its initial scale at any embedding width (96: the testbed's, where logz_lr was tuned); 0 = logz_lr everywhere
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints

@@ -93,7 +93,7 @@ def saturation_warning(p_hat, step: int, eps: float = 1e-3):
     if edge is None:
         return None
     return (f"warning: step {step}: β·log Z_φ is {edge} (within {eps:g}) on every selected prompt: the accuracy estimate is "
-            f"saturated and the selection blind; try --logz_output=linear or a smaller --logz_lr")
+            f"saturated and the selection blind; try a smaller --logz_lr (RESULTS.md: Z_φ on SmolLM2)")
 
 
 class PooledLogZHead(nn.Module):
