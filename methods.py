@@ -58,6 +58,7 @@ GROUPS = {  # the names each experiment loops over
               "tb_oracle"],
     "study_zphi": ["paced_greedy", "tb_hybrid_greedy", "paced_mean_last"],
     "golden": ["paced", "grpo", "grpo_dynamic", "flowrl"],  # test_all.py's frozen 30-step runs
+    "smollm2_study": ["grpo", "grpo_history", "grpo_dynamic", "paced_replay_only", "paced"],  # experiments/smollm2_study.sh
 }
 
 
