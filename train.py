@@ -272,6 +272,7 @@ def step_metrics(run: Run, batch: Batch, recs, zero_var, reward_sum, n_train, up
         "skipped_updates": run.skipped,
         **(calibration(p_all, acc_all) if paced and recs else {"acc_est_abs_err": None, "acc_est_corr": None}),
         "p_hat_mean": float(p_all.mean()) if paced and recs else None,
+        "groups": [[int(j), round(float(a), 4), round(float(p), 6) if paced else None] for j, a, p in recs],  # (prompt, a(x), p̂)
         **(logz_diagnostics(run, [r[0] for r in recs], upd) if paced and recs else {}),
         "beta_kl": cfg.beta * tot(kl) / n if kl is not None else None,  # None: not measured this step (kl_every)
         "zero_var_frac": zero_var if zero_var is not None else float(np.mean((acc_all == 0) | (acc_all == 1))),
