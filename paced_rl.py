@@ -8,7 +8,9 @@
   Our choices where the paper is silent: width `logz_hidden`, features standardized with the
   training set's mean/std, the MLP's output read in accuracy units (log Z = output/β), its output
   layer zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections
-  are effectively uniform. `LogZHead.p_hat` gives p̂ directly, `forward` gives log Z = p̂/β for the loss.
+  are effectively uniform. `LogZHead.p_hat` gives p̂ directly, `forward` gives log Z = p̂/β for the loss;
+  `param_groups` gives each layer an Adam rate scaled by its fan-in, so a wide real-model embedding does not
+  make one step saturate p̂ (RESULTS.md, "Why Z_φ dies on SmolLM2").
 - `PooledLogZHead`: FlowRL's head (a baseline), over the policy's own mean-pooled prompt states.
 - `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
   `policy.parameters()` synchronizes both.
@@ -19,6 +21,8 @@
 - `token_logprobs` / `sequence_logprobs`: log π(y_t | x, y_<t) per response token / summed. The mask keeps every token up
   to and including the first EOS (EOS is trained) and nothing after it, which stays right when
   pad == EOS (masking pads by token id would never train EOS, a trap of several public RL codebases).
+  With shared_prefix=True each distinct prompt runs once and its responses continue from its KV cache
+  (the same values and gradients); `shared_prefix_check` probes whether a model can take it.
 """
 
 import inspect
@@ -218,6 +222,23 @@ def _token_logprobs(head, h, targets, temperature: float):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
+def _response_logprobs(lm, x, targets, temperature: float, chunk: int):
+    """log π(targets), (N, r): x holds the logits (chunk <= 0) or the last hidden states, which go through the
+    output head `chunk` positions at a time, each chunk recomputed in backward."""
+    if chunk <= 0:
+        return _token_logprobs(lambda v: v, x, targets, temperature)
+    head = lm.get_output_embeddings()
+    return torch.cat([torch.utils.checkpoint.checkpoint(_token_logprobs, head, x[:, i:i + chunk], targets[:, i:i + chunk],
+                                                        temperature, use_reentrant=False)
+                      for i in range(0, x.size(1), chunk)], 1)
+
+
+def _prompt_mean(h, mask):
+    """The mean of hidden states h (N, P, H) over the positions where mask (N, P) is 1, in float32: (N, H)."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1).float() / m.sum(1).clamp(min=1).float()
+
+
 def token_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature: float = 1.0, chunk: int = 0,
                    prompt_state: bool = False, shared_prefix: bool = False):
     """log π(y_t | x, y_<t) per response token, (N, R), zero where resp_mask is 0; with prompt_state=True
@@ -240,21 +261,16 @@ def token_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     if chunk <= 0:
         out = lm(**kw, output_hidden_states=prompt_state)
-        logits = out.logits[:, P - 1:-1]  # (N, R, V): position P-1+t predicts response token t
-        tok_lp = _token_logprobs(lambda x: x, logits, resp_ids, temperature)
+        x = out.logits[:, P - 1:-1]  # (N, R, V): position P-1+t predicts response token t
         h_all = out.hidden_states[-1] if prompt_state else None
     else:
         h_all = lm.base_model(**kw).last_hidden_state
-        h = h_all[:, P - 1:-1]  # (N, R, H)
-        head = lm.get_output_embeddings()
-        tok_lp = torch.cat([torch.utils.checkpoint.checkpoint(_token_logprobs, head, h[:, i:i + chunk],
-                                                              resp_ids[:, i:i + chunk], temperature, use_reentrant=False)
-                            for i in range(0, h.size(1), chunk)], 1)  # (N, R)
+        x = h_all[:, P - 1:-1]  # (N, R, H)
+    tok_lp = _response_logprobs(lm, x, resp_ids, temperature, chunk)  # (N, R)
     tok_lp = tok_lp * resp_mask.to(tok_lp.dtype)
     if not prompt_state:
         return tok_lp
-    pm = prompt_mask.unsqueeze(-1).to(h_all.dtype)
-    return tok_lp, (h_all[:, :P] * pm).sum(1).float() / pm.sum(1).clamp(min=1).float()
+    return tok_lp, _prompt_mean(h_all[:, :P], prompt_mask)
 
 
 def _shared_prefix_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, temperature, chunk, prompt_state):
@@ -291,18 +307,11 @@ def _shared_prefix_logprobs(lm, prompt_ids, prompt_mask, resp_ids, resp_mask, te
                   past_key_values=cache, use_cache=True)
         nxt = lm(**kw).logits if chunk <= 0 else lm.base_model(**kw).last_hidden_state  # (N, r1-1, V or H)
         rest = torch.cat([rest, nxt], 1)  # (N, r1, V or H)
-    if chunk <= 0:
-        tok_lp = _token_logprobs(lambda x: x, rest, resp, temperature)
-    else:
-        head = lm.get_output_embeddings()
-        tok_lp = torch.cat([torch.utils.checkpoint.checkpoint(_token_logprobs, head, rest[:, i:i + chunk], resp[:, i:i + chunk],
-                                                              temperature, use_reentrant=False)
-                            for i in range(0, r1, chunk)], 1)
+    tok_lp = _response_logprobs(lm, rest, resp, temperature, chunk)
     tok_lp = torch.nn.functional.pad(tok_lp * rm.to(tok_lp.dtype), (0, R - r1))  # (N, R), zeros past r1
     if not prompt_state:
         return tok_lp
-    m = upm.unsqueeze(-1).to(h_prompt.dtype)
-    return tok_lp, ((h_prompt * m).sum(1).float() / m.sum(1).clamp(min=1).float())[inv]
+    return tok_lp, _prompt_mean(h_prompt, upm)[inv]
 
 
 @torch.no_grad()
