@@ -13,7 +13,7 @@ import numpy as np
 def pearson(a, b):
     """Pearson correlation, or None where undefined (fewer than 2 points, or a constant input)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:  # ptp, not std: the std of equal floats can be 1e-17
         return None  # logged as null, never as a made-up number
     return float(np.corrcoef(a, b)[0, 1])
 

@@ -1811,6 +1811,53 @@ def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
     assert "by difficulty level" not in compare.compare(str(tmp_path), str(tmp_path / "out2"))  # no levels: no table
 
 
+def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_level(tmp_path):
+    """The study's table against grpo: per-seed rollout ratios to grpo's median, the win rule's verdict, the
+    chosen groups' all-equal share, the steps with p̂ saturated, and p̂'s calibration by level on the training
+    prompts (from each step's `groups`) and the held-out questions."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    for path in (train, held):
+        path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": "easy" if i % 2 == 0 else "hard"}) + "\n"
+                                for i in range(4)))
+    finals = {"grpo": [[0.2, 0.3, 0.4], [0.2, 0.3, 0.5], [0.2, 0.35, 0.45]],  # median 0.45, reached at –, 175, 200
+              "grpo_history": [[0.2, 0.3, 0.45], [0.2, 0.3, 0.5], [0.2, 0.3, 0.6]],  # overlaps, one seed at 200: tie
+              "paced_replay_only": [[0.2, 0.25, 0.3], [0.2, 0.3, 0.35], [0.2, 0.3, 0.38]],  # all below 0.4: loss
+              "paced": [[0.2, 0.5, 0.6], [0.2, 0.45, 0.55], [0.2, 0.6, 0.7]]}  # all above 0.5: win
+    step1 = {0: [[2, 0.0, 0.0001], [3, 0.0, 0.0005]], 1: [[2, 0.5, 0.5], [3, 0.25, 0.3]], 2: [[2, 0.5, 0.5], [3, 0.25, 0.3]]}
+    for m, seeds in finals.items():
+        for s, accs in enumerate(seeds):
+            fake_run(tmp_path, f"{m}_s{s}", accs)
+            d = tmp_path / f"{m}_s{s}"
+            rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            paced = m.startswith("paced")
+            for r in rows[:-1]:
+                r["zero_var_frac"] = 0.5 if m == "grpo" else 0.25
+                r["groups"] = ([[0, 1.0, 0.8], [1, 0.0, 0.2]] if r["step"] == 0 else step1[s]) if paced else [[0, 1.0, None]]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            f = accs[-1]
+            (d / "heldout_final.json").write_text(json.dumps({"samples": 4, "acc": [f + 0.1, f - 0.1, f + 0.1, f - 0.1],
+                                                              "p_hat": [0.7, 0.4, 0.7, 0.4] if paced else None}))
+            (d / "config.json").write_text(json.dumps({"train_data": str(train), "eval_data": str(held), "seed": s}))
+    table = compare.compare(str(tmp_path), str(tmp_path / "out"))
+    study = table[table.index("Against `grpo`"):]
+    row = lambda m: next(l for l in study.splitlines() if l.startswith(f"| {m} |"))  # noqa: E731
+    # paced reaches 0.45 at 83.3, 100 and 62.5 rollouts; grpo's median is 200
+    assert row("paced") == "| paced | 0.600 [0.550, 0.700] | 0.42 [0.31, 0.50] | 0.250 [0.250, 0.250] | 1, 0, 0 | win |"
+    assert row("grpo") == "| grpo | 0.450 [0.400, 0.500] | 1.00 [0.88, –] (1 of 3 seeds: not reached) | 0.500 [0.500, 0.500] | – | – |"
+    assert row("grpo_history").endswith("| 0.88 [0.75, 1.00] | 0.250 [0.250, 0.250] | – | tie |")
+    assert row("paced_replay_only").endswith("| loss |")
+    # training calibration of paced, level easy (prompts 0 and 2 of every seed's groups), pooled over seeds
+    p = np.array([0.8, 0.0001, 0.8, 0.5, 0.8, 0.5])
+    a = np.array([1.0, 0.0, 1.0, 0.5, 1.0, 0.5])
+    easy = f"{np.corrcoef(p, a)[0, 1]:.2f} / {np.abs(p - a).mean():.3f} / {p.mean():.2f} vs {a.mean():.2f}"
+    # held-out, level easy: p̂ 0.7 against 0.7, 0.65, 0.8 (each seed's final + 0.1, twice)
+    h = np.repeat([0.7, 0.65, 0.8], 2)
+    line = next(l for l in table.splitlines() if l.startswith("| paced | 6 / 6 | easy |"))
+    assert line.startswith(f"| paced | 6 / 6 | easy | {easy} | ")
+    assert line.endswith(f" | – / {np.abs(0.7 - h).mean():.3f} / 0.70 vs {h.mean():.2f} |")  # p̂ constant there: r undefined
+    assert "| paced_replay_only | 12 / 12 | all |" in table and "| grpo | 3 / " not in table  # grpo has no p̂
+
+
 def test_compare_table_and_plots(algo_runs, tmp_path):
     table = compare.compare(str(algo_runs), str(tmp_path))
     lines = table.splitlines()
@@ -1966,7 +2013,7 @@ IMPORTS = {
               "scheduler", "selection", "tasks", "tasks.exact", "update", "verify"],
     "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
     "tasks.exact": ["distributed", "paced_rl"],
-    "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "scheduler"],
+    "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "paced_rl", "scheduler"],
     "experiments.study": ["eval", "experiments.compare"],
     "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "tb_loss", "update", "verify"],
 }

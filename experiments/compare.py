@@ -17,9 +17,10 @@ import sys
 import numpy as np
 
 import methods
+import paced_rl
 import scheduler
 from eval import plot_reliability, pyplot
-from metrics import all_equal_share
+from metrics import all_equal_share, calibration
 
 def eval_curve(rows: list, key: str = "eval_acc") -> list:
     """[(rollouts spent, held-out accuracy)] from a run's metrics rows. The evaluation logged with step s
@@ -105,22 +106,25 @@ def selection_check(p_hat, acc, group_size: int, tau: float = 0.5, frac: float =
             "oracle": all_equal_share(chosen(acc), group_size)}
 
 
+def levels_of(path: str, n=None):
+    """The `level` field of a data file's rows (the smollm2 task's difficulty levels); None where the file is
+    gone, has rows without a level, or not n rows (n given)."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [x["level"] for x in rows] if n in (None, len(rows)) and all("level" in x for x in rows) else None
+
+
 def by_level(runs: dict) -> list:
     """Markdown lines: each method's final held-out accuracy per `level` of the held-out rows (the smollm2
     task's difficulty levels), median over seeds; [] where a run's held-out file is gone or has no levels."""
     levels = None
     for rs in runs.values():
         for r in rs:
-            path = r["config"].get("eval_data", "")
-            if not os.path.isfile(path):
-                return []
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if len(rows) != len(r["final"]["acc"]) or any("level" not in x for x in rows):
-                return []
-            mine = [x["level"] for x in rows]
-            if levels not in (None, mine):
-                return []  # runs on different held-out sets: no common breakdown
+            mine = levels_of(r["config"].get("eval_data", ""), len(r["final"]["acc"]))
+            if mine is None or levels not in (None, mine):
+                return []  # no levels, or runs on different held-out sets: no common breakdown
             levels = mine
     if not levels:
         return []
@@ -134,6 +138,87 @@ def by_level(runs: dict) -> list:
     return lines
 
 
+def train_groups(r: dict):
+    """A run's groups over all steps as arrays (prompt index, observed accuracy a of the group, p̂ before the
+    step's update), from the metrics rows' `groups`; None for a run without p̂ (not PACED-RL's loss). a is
+    the mean of G rewards, so it scatters around the prompt's accuracy and lowers r below p̂'s true r."""
+    g = [x for row in r["rows"] for x in row.get("groups") or [] if x[2] is not None]
+    if not g:
+        return None
+    idx, a, p = (np.array(c) for c in zip(*g))
+    return idx.astype(int), a.astype(float), p.astype(float)
+
+
+def saturated_steps(r: dict) -> int:
+    """How many of a run's steps had p̂ saturated on every chosen prompt (paced_rl.saturation_warning's rule,
+    the loop's warning)."""
+    return sum(paced_rl.saturation_warning([x[2] for x in row["groups"]], row["step"]) is not None
+               for row in r["rows"] if row.get("groups") and row["groups"][0][2] is not None)
+
+
+def _calib_cells(p, a) -> str:
+    c = calibration(p, a)
+    r = "–" if c["acc_est_corr"] is None or not np.isfinite(c["acc_est_corr"]) else f"{c['acc_est_corr']:.2f}"
+    return f"{r} / {c['acc_est_abs_err']:.3f} / {np.mean(p):.2f} vs {np.mean(a):.2f}"
+
+
+def study_lines(runs: dict, ref: str = "grpo") -> list:
+    """Markdown lines for a study against `ref` (the SmolLM2 study, RESULTS.md): per method the final sampled
+    accuracy, rollouts to ref's final accuracy as a ratio to ref's (per seed over ref's median), the chosen
+    groups' all-equal share (ref's draws are uniform: the pool's), the verdict by the study's win rule; then
+    p̂'s calibration per method on the training prompts (each step's groups) and on the held-out questions,
+    overall and by level."""
+    if ref not in runs:
+        return []
+    acc = {m: [eval_curve(r["rows"])[-1][1] for r in rs] for m, rs in runs.items()}  # the curves' own last value
+    target = float(np.median(acc[ref]))
+    ref_reach = median_reached([rollouts_to_reach(eval_curve(r["rows"]), target) for r in runs[ref]])
+    lines = ["", f"Against `{ref}` (the study's win rule: a seed range of final sampled accuracy above {ref}'s without "
+             f"overlap, or {ref}'s final accuracy {target:.3f} reached in fewer rollouts than {ref}'s median in every "
+             "seed; a range below is a loss, anything else a tie). All-equal share: the chosen groups' share with "
+             "all-equal rewards, mean over steps (the first round's, for dynamic sampling).", "",
+             f"| method | final sampled acc | rollouts to {target:.3f}, ÷ {ref}'s | all-equal share | p̂ saturated (steps) "
+             f"| verdict |", "|---|---|---|---|---|---|"]
+    for m, rs in runs.items():
+        reach = [rollouts_to_reach(eval_curve(r["rows"]), target) for r in rs]
+        ratio = [None if x is None or not ref_reach else x / ref_reach for x in reach]
+        share = [float(np.mean([x["zero_var_frac"] for x in r["rows"] if x.get("zero_var_frac") is not None])) for r in rs]
+        sat = [saturated_steps(r) for r in rs] if all(train_groups(r) is not None for r in rs) else None
+        if m == ref:
+            verdict = "–"
+        elif min(acc[m]) > max(acc[ref]) or (ref_reach and all(x is not None and x < 1 for x in ratio)):
+            verdict = "win"
+        elif max(acc[m]) < min(acc[ref]):
+            verdict = "loss"
+        else:
+            verdict = "tie"
+        lines.append(f"| {m} | {seed_stat(acc[m])} | {seed_stat(ratio, '{:.2f}')} | {seed_stat(share)} | "
+                     f"{'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
+    paced = {m: rs for m, rs in runs.items() if all(train_groups(r) is not None for r in rs)}
+    if not paced:
+        return lines
+    lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a. Training: every "
+              "step's chosen prompts, p̂ before the step's update against the group's observed accuracy (G samples); "
+              "held-out: p̂ at the end against each question's sampled accuracy.", "",
+              "| method | prompts | level | training | held-out |", "|---|---|---|---|---|"]
+    for m, rs in paced.items():
+        tr = [train_groups(r) for r in rs]
+        ti, ta, tp = (np.concatenate([t[k] for t in tr]) for k in range(3))
+        ha, hp = (np.concatenate([np.asarray(r["final"][k], float) for r in rs]) for k in ("acc", "p_hat"))
+        lines.append(f"| {m} | {ti.size} / {ha.size} | all | {_calib_cells(tp, ta)} | {_calib_cells(hp, ha)} |")
+        tl = [levels_of(r["config"].get("train_data", "")) for r in rs]
+        hl = [levels_of(r["config"].get("eval_data", ""), len(r["final"]["acc"])) for r in rs]
+        if any(x is None for x in tl + hl) or any(t[0].max() >= len(lv) for lv, t in zip(tl, tr)):
+            continue
+        tlev = np.concatenate([np.asarray(lv, dtype=object)[t[0]] for lv, t in zip(tl, tr)])
+        hlev = np.concatenate([np.asarray(lv, dtype=object) for lv in hl])
+        for n in dict.fromkeys(hl[0]):
+            t, h = tlev == n, hlev == n
+            cell = lambda p, a, k: _calib_cells(p[k], a[k]) if k.sum() > 1 else "–"  # noqa: E731
+            lines.append(f"| {m} | {int(t.sum())} / {int(h.sum())} | {n} | {cell(tp, ta, t)} | {cell(hp, ha, h)} |")
+    return lines
+
+
 def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only"), focus: str = "paced") -> str:
     """The comparison table (markdown, also written to <out>/table.md) and two PNGs: held-out accuracy
     against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
@@ -143,7 +228,8 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     runs = load_runs(root)
     if not runs:
         raise SystemExit(f"compare: no finished runs (directories with heldout_final.json) in {root}")
-    order = methods.GROUPS["comparison"]
+    order = next((methods.GROUPS[g] for g in ("comparison", "smollm2_study") if set(runs) <= set(methods.GROUPS[g])),
+                 methods.GROUPS["comparison"])
     runs = dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     os.makedirs(out, exist_ok=True)
     final_acc = {m: float(np.median([np.mean(r["final"]["acc"]) for r in rs])) for m, rs in runs.items()}
@@ -201,6 +287,8 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
         for m, cs in checks.items():
             lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
     lines += by_level(runs)
+    if any(train_groups(r) is not None for rs in runs.values() for r in rs):  # runs that log each step's groups
+        lines += study_lines(runs)
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
