@@ -22,6 +22,7 @@ import config
 import data
 import distributed
 import eval as eval_lib
+import logprobs
 import methods
 import metrics
 import paced_rl
@@ -118,7 +119,7 @@ def build_chat_model(out: str, hidden: int = 32, layers: int = 2, seed: int = 0)
     return out
 
 
-# --------------------------------------- paced_rl.py: the policy and Z_φ, masks, log-probs, generation
+# -------------------------------------------------- paced_rl.py: the policy and Z_φ, masks, generation
 
 def test_response_mask_counts_eos_and_nothing_after():
     eos = 2
@@ -131,99 +132,6 @@ def test_response_mask_when_pad_equals_eos():
     # pad == EOS (as in many HF models): the first EOS is trained, the padding EOS tokens are not
     resp = torch.tensor([[7, 2, 2, 2]])
     assert paced_rl.response_mask(resp, 2).tolist() == [[1, 1, 0, 0]]
-
-
-def test_left_padded_logprobs_equal_unpadded(tiny):
-    lm, tok = tiny
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    prompts = [tok("1+2=").input_ids, tok("345+67=").input_ids]
-    resps = [[4, 5, eos, pad, pad], [6, 7, 8, 9, eos]]
-    pid, pm = paced_rl.left_pad(prompts, pad)
-    resp = torch.tensor(resps)
-    rm = paced_rl.response_mask(resp, eos)
-    batch_lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm)
-    assert n.tolist() == [3, 5]
-    for i in range(2):
-        ids = torch.tensor([prompts[i] + resps[i][:int(n[i])]])
-        logits = lm(input_ids=ids).logits[0, len(prompts[i]) - 1:-1]
-        ref = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompts[i]):, None]).sum()
-        assert batch_lp[i].item() == pytest.approx(ref.item(), abs=1e-4)
-
-
-def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
-    lm, tok = tiny
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], pad)
-    resp = torch.tensor([[4, 5, 6, 7, eos, pad, pad], [6, 7, 8, 9, 10, 11, eos]])
-    rm = paced_rl.response_mask(resp, eos)
-    grads = []
-    for chunk in (0, 3):
-        lm.zero_grad()
-        lp, n = paced_rl.sequence_logprobs(lm, pid, pm, resp, rm, 0.7, chunk=chunk)
-        (lp * torch.tensor([1.0, -2.0])).sum().backward()
-        grads.append((lp.detach(), [p.grad.clone() for p in lm.parameters()]))
-    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
-    for g0, g1 in zip(grads[0][1], grads[1][1]):
-        assert torch.allclose(g0, g1, atol=1e-5)
-    lm.zero_grad()
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
-
-
-def test_shared_prefix_gives_the_plain_paths_logprobs_and_gradients(tiny):
-    """One prompt pass per distinct prompt (update.py's shared_prefix): the plain path's per-token log-probs
-    (1e-5 relative) and gradients (1e-4 relative, every tensor), with left-padded prompts of different
-    lengths, padding columns shared by every row, groups split and not adjacent (as replayed samples
-    are), the chunked output head and FlowRL's prompt state; zeros stay where the mask is 0."""
-    lm, tok = tiny
-    lm.train()
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    g = torch.Generator().manual_seed(1)
-    ids = lambda n: torch.randint(3, len(tok), (n,), generator=g).tolist()  # noqa: E731
-    prompts = [ids(9), ids(5), ids(12)]
-    rows = [0, 0, 0, 1, 1, 2, 1, 2, 0]  # the same prompt in rows that are not adjacent
-    pid, pm = paced_rl.left_pad([prompts[k] for k in rows], pad)
-    pid, pm = torch.nn.functional.pad(pid, (3, 0), value=pad), torch.nn.functional.pad(pm, (3, 0))  # padding in every row
-    resp, rm = paced_rl.right_pad([ids(n) + [eos] for n in (4, 7, 0, 3, 6, 6, 2, 5, 3)], pad)
-    resp, rm = torch.nn.functional.pad(resp, (0, 2), value=pad), torch.nn.functional.pad(rm, (0, 2))
-    w = torch.linspace(-1, 1, len(rows))
-    for chunk, state in ((0, False), (3, False), (0, True)):
-        got = []
-        for shared in (False, True):
-            lm.zero_grad()
-            out = paced_rl.token_logprobs(lm, pid, pm, resp, rm, 0.7, chunk, prompt_state=state, shared_prefix=shared)
-            lp, h = out if state else (out, None)
-            ((lp.sum(-1) * w).sum() + (h.sum() if state else 0)).backward()
-            got.append((lp.detach(), h.detach() if state else None, [p.grad.clone() for p in lm.parameters()]))
-        (lp0, h0, g0), (lp1, h1, g1) = got
-        assert ((lp1 - lp0).abs() <= 1e-5 * lp0.abs()).all(), (chunk, float((lp1 - lp0).abs().max()))
-        assert (lp1[rm == 0] == 0).all() and lp1.shape == rm.shape
-        if state:
-            assert rel_err(h1, h0) < 1e-5
-        assert all(rel_err(b, a) < 1e-4 for a, b in zip(g0, g1)), (chunk, max(rel_err(b, a) for a, b in zip(g0, g1)))
-    lm.zero_grad()
-    lm.eval()
-
-
-def test_shared_prefix_check_names_the_models_that_cannot_take_it(tiny):
-    lm, tok = tiny
-    assert paced_rl.shared_prefix_check(lm, len(tok), "cpu") is None
-
-    class NoCache(torch.nn.Module):  # a model that never returns a KV cache
-        def __init__(self):
-            super().__init__()
-            self.inner = lm
-
-        def forward(self, **kw):
-            return self.inner(**{**kw, "use_cache": False})
-
-    assert paced_rl.shared_prefix_check(NoCache(), len(tok), "cpu") == \
-        "RuntimeError: shared_prefix: NoCache returned no selectable KV cache (NoneType)"
-    ckpt_lm = copy.deepcopy(lm)
-    ckpt_lm.activation_checkpointing_enable()
-    assert paced_rl.shared_prefix_check(ckpt_lm, len(tok), "cpu") == "gradient checkpointing recomputes the forward without a KV cache"
 
 
 def test_generate_is_seeded_per_prompt_not_per_batch(tiny):
@@ -307,6 +215,101 @@ def test_logz_head_recovers_from_zero_rewards_at_a_real_models_width():
     seen, p, a = train_logz_alone(576, 1e-2, 0)  # the old head: every layer at 1e-2
     assert np.corrcoef(p, a)[0, 1] < 0.7 and np.abs(p - a).mean() > 0.2
     assert paced_rl.saturation_warning(seen[-1], 39) is not None
+
+
+# ---------------------------------- logprobs.py: padding, the chunked head, the shared prefix, its probe
+
+def test_left_padded_logprobs_equal_unpadded(tiny):
+    lm, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [tok("1+2=").input_ids, tok("345+67=").input_ids]
+    resps = [[4, 5, eos, pad, pad], [6, 7, 8, 9, eos]]
+    pid, pm = paced_rl.left_pad(prompts, pad)
+    resp = torch.tensor(resps)
+    rm = paced_rl.response_mask(resp, eos)
+    batch_lp, n = logprobs.sequence_logprobs(lm, pid, pm, resp, rm)
+    assert n.tolist() == [3, 5]
+    for i in range(2):
+        ids = torch.tensor([prompts[i] + resps[i][:int(n[i])]])
+        logits = lm(input_ids=ids).logits[0, len(prompts[i]) - 1:-1]
+        ref = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompts[i]):, None]).sum()
+        assert batch_lp[i].item() == pytest.approx(ref.item(), abs=1e-4)
+
+
+def test_chunked_output_head_gives_the_same_logprobs_and_gradients(tiny):
+    lm, tok = tiny
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("345+67=").input_ids], pad)
+    resp = torch.tensor([[4, 5, 6, 7, eos, pad, pad], [6, 7, 8, 9, 10, 11, eos]])
+    rm = paced_rl.response_mask(resp, eos)
+    grads = []
+    for chunk in (0, 3):
+        lm.zero_grad()
+        lp, n = logprobs.sequence_logprobs(lm, pid, pm, resp, rm, 0.7, chunk=chunk)
+        (lp * torch.tensor([1.0, -2.0])).sum().backward()
+        grads.append((lp.detach(), [p.grad.clone() for p in lm.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-5)
+    lm.zero_grad()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def test_shared_prefix_gives_the_plain_paths_logprobs_and_gradients(tiny):
+    """One prompt pass per distinct prompt (update.py's shared_prefix): the plain path's per-token log-probs
+    (1e-5 relative) and gradients (1e-4 relative, every tensor), with left-padded prompts of different
+    lengths, padding columns shared by every row, groups split and not adjacent (as replayed samples
+    are), the chunked output head and FlowRL's prompt state; zeros stay where the mask is 0."""
+    lm, tok = tiny
+    lm.train()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, len(tok), (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(9), ids(5), ids(12)]
+    rows = [0, 0, 0, 1, 1, 2, 1, 2, 0]  # the same prompt in rows that are not adjacent
+    pid, pm = paced_rl.left_pad([prompts[k] for k in rows], pad)
+    pid, pm = torch.nn.functional.pad(pid, (3, 0), value=pad), torch.nn.functional.pad(pm, (3, 0))  # padding in every row
+    resp, rm = paced_rl.right_pad([ids(n) + [eos] for n in (4, 7, 0, 3, 6, 6, 2, 5, 3)], pad)
+    resp, rm = torch.nn.functional.pad(resp, (0, 2), value=pad), torch.nn.functional.pad(rm, (0, 2))
+    w = torch.linspace(-1, 1, len(rows))
+    for chunk, state in ((0, False), (3, False), (0, True)):
+        got = []
+        for shared in (False, True):
+            lm.zero_grad()
+            out = logprobs.token_logprobs(lm, pid, pm, resp, rm, 0.7, chunk, prompt_state=state, shared_prefix=shared)
+            lp, h = out if state else (out, None)
+            ((lp.sum(-1) * w).sum() + (h.sum() if state else 0)).backward()
+            got.append((lp.detach(), h.detach() if state else None, [p.grad.clone() for p in lm.parameters()]))
+        (lp0, h0, g0), (lp1, h1, g1) = got
+        assert ((lp1 - lp0).abs() <= 1e-5 * lp0.abs()).all(), (chunk, float((lp1 - lp0).abs().max()))
+        assert (lp1[rm == 0] == 0).all() and lp1.shape == rm.shape
+        if state:
+            assert rel_err(h1, h0) < 1e-5
+        assert all(rel_err(b, a) < 1e-4 for a, b in zip(g0, g1)), (chunk, max(rel_err(b, a) for a, b in zip(g0, g1)))
+    lm.zero_grad()
+    lm.eval()
+
+
+def test_shared_prefix_check_names_the_models_that_cannot_take_it(tiny):
+    lm, tok = tiny
+    assert logprobs.shared_prefix_check(lm, len(tok), "cpu") is None
+
+    class NoCache(torch.nn.Module):  # a model that never returns a KV cache
+        def __init__(self):
+            super().__init__()
+            self.inner = lm
+
+        def forward(self, **kw):
+            return self.inner(**{**kw, "use_cache": False})
+
+    assert logprobs.shared_prefix_check(NoCache(), len(tok), "cpu") == \
+        "RuntimeError: shared_prefix: NoCache returned no selectable KV cache (NoneType)"
+    ckpt_lm = copy.deepcopy(lm)
+    ckpt_lm.activation_checkpointing_enable()
+    assert logprobs.shared_prefix_check(ckpt_lm, len(tok), "cpu") == "gradient checkpointing recomputes the forward without a KV cache"
 
 
 # ----------------- tb_loss.py: the modified trajectory balance, Proposition 4.1, the baselines' losses
@@ -467,10 +470,10 @@ def test_flowrl_head_reads_the_policy_and_trains_it(tiny):
     pid, pm = paced_rl.left_pad([tok("1+2=").input_ids, tok("35+67=").input_ids], tok.pad_token_id)
     resp, rm = paced_rl.right_pad([tok("3").input_ids + [tok.eos_token_id], tok("201").input_ids], tok.pad_token_id)
     head = paced_rl.PooledLogZHead(lm.config.hidden_size)
-    lp_tok, h = paced_rl.token_logprobs(lm, pid, pm, resp, rm, prompt_state=True)
+    lp_tok, h = logprobs.token_logprobs(lm, pid, pm, resp, rm, prompt_state=True)
     assert h.shape == (2, lm.config.hidden_size) and lp_tok.shape == resp.shape
     assert lp_tok[0, 2].item() == 0.0  # masked: the first response is 2 tokens long
-    assert torch.allclose(lp_tok.sum(-1), paced_rl.sequence_logprobs(lm, pid, pm, resp, rm)[0])
+    assert torch.allclose(lp_tok.sum(-1), logprobs.sequence_logprobs(lm, pid, pm, resp, rm)[0])
     # the pooled state is the mean over the prompt tokens only (left padding excluded)
     alone = lm(input_ids=pid[:1, -4:], output_hidden_states=True).hidden_states[-1][0].mean(0)
     assert torch.allclose(h[0], alone, atol=1e-5)
@@ -1128,7 +1131,7 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_moves_them_at_lr_1e_6(small
     resp = torch.tensor([[4, 5, tok.eos_token_id]])
     with paced_rl.amp("cpu", True):
         assert lm(input_ids=pid).logits.dtype == torch.bfloat16  # the matmuls run in bf16
-        assert paced_rl.token_logprobs(lm, pid, pm, resp, torch.ones_like(resp)).dtype == torch.float32
+        assert logprobs.token_logprobs(lm, pid, pm, resp, torch.ones_like(resp)).dtype == torch.float32
         head = paced_rl.LogZHead(8, 16, 0.05, 0.5)
         assert head.p_hat(torch.randn(3, 8)).dtype == torch.float32
     out = str(tmp_path / "bf16")
@@ -1631,7 +1634,7 @@ def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
         resp, rm = paced_rl.right_pad(resps, tok.pad_token_id)
         rm = rm * paced_rl.response_mask(resp, eos)
         with torch.no_grad():
-            logp = paced_rl.token_logprobs(lm, pid, pm, resp, rm, T).sum(-1).double()
+            logp = logprobs.token_logprobs(lm, pid, pm, resp, rm, T).sum(-1).double()
         texts = tok.batch_decode(resp * rm + tok.pad_token_id * (1 - rm), skip_special_tokens=True)
         assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # every response, once
         want.append(sum(float(lp.exp()) for lp, t in zip(logp, texts) if verify.testbed_reward(t, a) == 1.0))
@@ -1639,7 +1642,7 @@ def test_exact_accuracy_equals_brute_force_over_every_response(tiny):
     assert acc == pytest.approx(want, rel=1e-5) and not dropped.any()
     for p, a, w in zip(prompts, answers, want):  # the answer's tokens + EOS alone miss the other accepted strings
         resp = torch.tensor([tok(a).input_ids + [eos]])
-        naive = paced_rl.token_logprobs(lm, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), resp,
+        naive = logprobs.token_logprobs(lm, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), resp,
                                         torch.ones_like(resp), T).sum().exp().item()
         assert 0 < naive < w
     acc2, dropped2 = exact.exact_accuracy(lm, tok, prompts, answers, L, T, "cpu", prune=1e-3)
@@ -1996,20 +1999,20 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 # ------------------------------------------------------------------------------------------ the layout
 
 # What each module of the project imports of the project: the tree the README draws. The method's files
-# import nothing of ours (verify.py only its sandbox); the loop's parts import the method; train.py imports
+# import nothing of ours but each other's helpers (logprobs.py paced_rl's padding, verify.py its sandbox); the loop's parts import the method; train.py imports
 # the parts and eval.py; tasks/ import the method's pieces they score with; experiments/ import anything,
 # and nothing imports them.
 IMPORTS = {
-    "paced_rl": [], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [], "verify": ["sandbox"],
+    "paced_rl": [], "logprobs": ["paced_rl"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [], "verify": ["sandbox"],
     "metrics": [], "methods": [], "distributed": [],
     "config": ["methods", "tasks.smollm2", "tasks.testbed", "verify"],
     "checkpoint": ["config"],
     "data": ["distributed", "paced_rl", "verify"],
     "rollout": ["distributed", "paced_rl", "verify"],
-    "update": ["distributed", "paced_rl", "tb_loss"],
+    "update": ["distributed", "logprobs", "paced_rl", "tb_loss"],
     "selection": ["metrics", "paced_rl", "scheduler"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "verify"],
-    "train": ["checkpoint", "config", "data", "distributed", "eval", "metrics", "paced_rl", "replay", "rollout",
+    "train": ["checkpoint", "config", "data", "distributed", "eval", "logprobs", "metrics", "paced_rl", "replay", "rollout",
               "scheduler", "selection", "tasks", "tasks.exact", "update", "verify"],
     "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
     "tasks.exact": ["distributed", "paced_rl"],

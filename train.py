@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import eval as eval_lib
+import logprobs
 import paced_rl
 import replay as replay_lib
 import scheduler
@@ -124,7 +125,7 @@ def setup(cfg: Config) -> Run:
               scheduler.PromptPool(len(train_rows), cfg.pool_size if cfg.select != "uniform" else cfg.prompts_per_step, cfg.seed),
               None, replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k), np.random.default_rng(seed_of(cfg.seed, 2)))
     # probed after the parameters are listed: a sharded root stays unsharded after a forward call without backward
-    if cfg.shared_prefix and (why := paced_rl.shared_prefix_check(policy.lm, len(tokenizer), device)):
+    if cfg.shared_prefix and (why := logprobs.shared_prefix_check(policy.lm, len(tokenizer), device)):
         log(f"shared_prefix: off, one forward per sequence instead: {cfg.model} cannot take it ({why})")
         run.cfg = cfg = dataclasses.replace(cfg, shared_prefix=False)
     exact_on = cfg.exact_metrics == "on" or (cfg.exact_metrics == "auto" and cfg.verifier == "testbed")

@@ -11,7 +11,7 @@
 - beta_kl: β·KL(π_old ‖ π_θ) after the update, Proposition 4.1's gap between β·log Z and accuracy: one
   no-grad pass over the fresh samples, every kl_every steps.
 - shared_prefix: every log-prob pass runs each distinct prompt once and its responses from its KV cache
-  (paced_rl.token_logprobs); train.setup first checks that the model gives the plain path's values.
+  (logprobs.token_logprobs); train.setup first checks that the model gives the plain path's values.
 - build_policy: the LM, its log Z head and π_ref, sharded if asked, and the AdamW over θ and φ.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import logprobs
 import paced_rl
 import tb_loss
 from distributed import all_sum, is_sharded, shard_model, sync_grads
@@ -157,9 +158,9 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
         shared = {"shared_prefix": cfg.shared_prefix}
         with paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):  # log-probs come out in fp32
             if cfg.algo == "flowrl":
-                logp_tok, h = paced_rl.token_logprobs(policy.lm, *args, prompt_state=True, **shared)  # (n, R), (n, H)
+                logp_tok, h = logprobs.token_logprobs(policy.lm, *args, prompt_state=True, **shared)  # (n, R), (n, H)
             else:
-                logp_tok = paced_rl.token_logprobs(policy.lm, *args, **shared)
+                logp_tok = logprobs.token_logprobs(policy.lm, *args, **shared)
         old_tok = b["old_tok"][s] if b.get("old_tok") is not None else logp_tok.detach()  # (n, R)
         logp, ntok, old = logp_tok.sum(-1), b["rmask"][s].sum(-1), old_tok.sum(-1)
         cur = logp.detach()
@@ -179,12 +180,12 @@ def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
             ref_tok = None
             if cfg.kl_coef > 0:
                 with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
-                    ref_tok = paced_rl.token_logprobs(ref_lm, *args, **shared)
+                    ref_tok = logprobs.token_logprobs(ref_lm, *args, **shared)
             loss = tb_loss.grpo_loss(logp_tok, old_tok, b["rmask"][s], b["adv"][s], cfg.clip_eps,
                                      cfg.grpo_agg, denom, ref_tok, cfg.kl_coef)
         else:  # flowrl
             with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
-                ref = paced_rl.token_logprobs(ref_lm, *args, **shared).sum(-1)
+                ref = logprobs.token_logprobs(ref_lm, *args, **shared).sum(-1)
             w = (cur - old).exp().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old, detached: 1 at the first optimizer step
             loss = tb_loss.flowrl_loss(policy.logz(h), logp, ref, ntok, b["adv"][s], cfg.flowrl_reward_mult,
                                        weight=w, denom=denom)
@@ -199,7 +200,7 @@ def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg, per_token: bool = False):
     """Response log-probs without gradients, in micro-batches: summed (N,), or per token (N, R)."""
     size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
     with paced_rl.amp(resp.device, cfg.dtype == "bfloat16"):
-        tok = torch.cat([paced_rl.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
+        tok = torch.cat([logprobs.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
                                                  rmask[i:i + size], cfg.temperature, cfg.logit_chunk, shared_prefix=cfg.shared_prefix)
                          for i in range(0, resp.size(0), size)])
     return tok if per_token else tok.sum(-1)

@@ -13,7 +13,7 @@ loop's masks would. The step runs under each mode of --modes:
 
     off            fp32 compute, one forward per sequence, the β·KL pass every step
     bf16           dtype=bfloat16: bf16 compute under autocast, fp32 weights (paced_rl.amp)
-    shared_prefix  one prompt pass per group in the update and the β·KL pass (paced_rl.token_logprobs)
+    shared_prefix  one prompt pass per group in the update and the β·KL pass (logprobs.token_logprobs)
     kl_every       the β·KL pass every --kl_every steps (its time divided by k)
     all            the three together
 
