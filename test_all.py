@@ -1845,9 +1845,10 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     study = table[table.index("Against `grpo`"):]
     row = lambda m: next(l for l in study.splitlines() if l.startswith(f"| {m} |"))  # noqa: E731
     # paced reaches 0.45 at 83.3, 100 and 62.5 rollouts; grpo's median is 200
-    assert row("paced") == "| paced | 0.600 [0.550, 0.700] | 0.42 [0.31, 0.50] | 0.250 [0.250, 0.250] | 1, 0, 0 | win |"
-    assert row("grpo") == "| grpo | 0.450 [0.400, 0.500] | 1.00 [0.88, –] (1 of 3 seeds: not reached) | 0.500 [0.500, 0.500] | – | – |"
-    assert row("grpo_history").endswith("| 0.88 [0.75, 1.00] | 0.250 [0.250, 0.250] | – | tie |")
+    assert row("paced") == "| paced | 0.600 [0.550, 0.700] | 0.42 [0.31, 0.50] | 0.250 [0.250, 0.250] | 0.1 [0.1, 0.1] | 1, 0, 0 | win |"
+    assert row("grpo") == ("| grpo | 0.450 [0.400, 0.500] | 1.00 [0.88, –] (1 of 3 seeds: not reached) | 0.500 [0.500, 0.500] | "
+                           "0.1 [0.1, 0.1] | – | – |")
+    assert row("grpo_history").endswith("| 0.88 [0.75, 1.00] | 0.250 [0.250, 0.250] | 0.1 [0.1, 0.1] | – | tie |")
     assert row("paced_replay_only").endswith("| loss |")
     # training calibration of paced, level easy (prompts 0 and 2 of every seed's groups), pooled over seeds
     p = np.array([0.8, 0.0001, 0.8, 0.5, 0.8, 0.5])
@@ -1859,6 +1860,7 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert line.startswith(f"| paced | 6 / 6 | easy | {easy} | ")
     assert line.endswith(f" | – / {np.abs(0.7 - h).mean():.3f} / 0.70 vs {h.mean():.2f} |")  # p̂ constant there: r undefined
     assert "| paced_replay_only | 12 / 12 | all |" in table and "| grpo | 3 / " not in table  # grpo has no p̂
+    assert (tmp_path / "out" / "training_calibration.png").stat().st_size > 0
 
 
 def test_compare_table_and_plots(algo_runs, tmp_path):

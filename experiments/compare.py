@@ -177,8 +177,8 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
              f"overlap, or {ref}'s final accuracy {target:.3f} reached in fewer rollouts than {ref}'s median in every "
              "seed; a range below is a loss, anything else a tie). All-equal share: the chosen groups' share with "
              "all-equal rewards, mean over steps (the first round's, for dynamic sampling).", "",
-             f"| method | final sampled acc | rollouts to {target:.3f}, ÷ {ref}'s | all-equal share | p̂ saturated (steps) "
-             f"| verdict |", "|---|---|---|---|---|---|"]
+             f"| method | final sampled acc | rollouts to {target:.3f}, ÷ {ref}'s | all-equal share | median step (s) "
+             f"| p̂ saturated (steps) | verdict |", "|---|---|---|---|---|---|---|"]
     for m, rs in runs.items():
         reach = [rollouts_to_reach(eval_curve(r["rows"]), target) for r in rs]
         ratio = [None if x is None or not ref_reach else x / ref_reach for x in reach]
@@ -192,8 +192,9 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
             verdict = "loss"
         else:
             verdict = "tie"
+        step = [float(np.median([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]  # robust to a stall
         lines.append(f"| {m} | {seed_stat(acc[m])} | {seed_stat(ratio, '{:.2f}')} | {seed_stat(share)} | "
-                     f"{'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
+                     f"{seed_stat(step, '{:.1f}')} | {'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
     paced = {m: rs for m, rs in runs.items() if all(train_groups(r) is not None for r in rs)}
     if not paced:
         return lines
@@ -307,11 +308,35 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_rollouts.png"), dpi=120)
     plt.close(fig)
+    paced = {m: [train_groups(r) for r in rs] for m, rs in runs.items() if all(train_groups(r) is not None for r in rs)}
+    if paced:
+        plot_training_calibration(runs, paced, os.path.join(out, "training_calibration.png"))
     series = {m: (np.concatenate([r["final"]["p_hat"] for r in rs]), np.concatenate([r["final"]["acc"] for r in rs]))
               for m, rs in with_p_hat.items()}
     if series:
         plot_reliability(series, os.path.join(out, "reliability.png"), "held-out calibration of p̂ at the end (all seeds)")
     return table
+
+
+def plot_training_calibration(runs: dict, paced: dict, path: str):
+    """Per step, the mean p̂ of the chosen prompts (solid) against their groups' observed mean accuracy
+    (dashed), median over seeds, for each method with p̂: does Z_φ track the prompts it picks?"""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, rs in runs.items():
+        if m not in paced:
+            continue
+        steps = sorted({row["step"] for r in rs for row in r["rows"] if row.get("groups")})
+        per = lambda k: [np.median([np.mean([g[k] for g in row["groups"]]) for r in rs for row in r["rows"]  # noqa: E731
+                                    if row["step"] == s and row.get("groups")]) for s in steps]
+        (line,) = ax.plot(steps, per(2), label=f"{m}: mean p̂")
+        ax.plot(steps, per(1), "--", color=line.get_color(), label=f"{m}: mean observed accuracy")
+    ax.set(xlabel="step", ylabel="chosen prompts (median over seeds)", ylim=(0, 1),
+           title="p̂ against the observed accuracy of the prompts each step chose")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # the metrics that are equal in two runs exactly as long as they sampled the same responses
