@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -1861,6 +1862,8 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert line.endswith(f" | – / {np.abs(0.7 - h).mean():.3f} / 0.70 vs {h.mean():.2f} |")  # p̂ constant there: r undefined
     assert "| paced_replay_only | 12 / 12 | all |" in table and "| grpo | 3 / " not in table  # grpo has no p̂
     assert (tmp_path / "out" / "training_calibration.png").stat().st_size > 0
+    shutil.rmtree(tmp_path / "paced_s2")  # two seeds: no verdict
+    assert compare.compare(str(tmp_path), str(tmp_path / "out3")).count("| none (2 seeds) |") == 1
 
 
 def test_compare_table_and_plots(algo_runs, tmp_path):

@@ -186,6 +186,8 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
         sat = [saturated_steps(r) for r in rs] if all(train_groups(r) is not None for r in rs) else None
         if m == ref:
             verdict = "–"
+        elif min(len(rs), len(runs[ref])) < 3:  # the research standard: no verdict on fewer than 3 seeds
+            verdict = f"none ({min(len(rs), len(runs[ref]))} seeds)"
         elif min(acc[m]) > max(acc[ref]) or (ref_reach and all(x is not None and x < 1 for x in ratio)):
             verdict = "win"
         elif max(acc[m]) < min(acc[ref]):
