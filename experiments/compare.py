@@ -158,16 +158,16 @@ def saturated_steps(r: dict) -> int:
 
 def _calib_cells(p, a) -> str:
     c = calibration(p, a)
-    r = "–" if c["acc_est_corr"] is None or not np.isfinite(c["acc_est_corr"]) else f"{c['acc_est_corr']:.2f}"
+    r = "–" if c["acc_est_corr"] is None else f"{c['acc_est_corr']:.2f}"
     return f"{r} / {c['acc_est_abs_err']:.3f} / {np.mean(p):.2f} vs {np.mean(a):.2f}"
 
 
-def study_lines(runs: dict, ref: str = "grpo") -> list:
+def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
     """Markdown lines for a study against `ref` (the SmolLM2 study, RESULTS.md): per method the final sampled
     accuracy, rollouts to ref's final accuracy as a ratio to ref's (per seed over ref's median), the chosen
     groups' all-equal share (ref's draws are uniform: the pool's), the verdict by the study's win rule; then
     p̂'s calibration per method on the training prompts (each step's groups) and on the held-out questions,
-    overall and by level."""
+    overall and by level. groups: {method: [train_groups of each seed]} for the methods with p̂."""
     if ref not in runs:
         return []
     acc = {m: [eval_curve(r["rows"])[-1][1] for r in rs] for m, rs in runs.items()}  # the curves' own last value
@@ -183,7 +183,7 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
         reach = [rollouts_to_reach(eval_curve(r["rows"]), target) for r in rs]
         ratio = [None if x is None or not ref_reach else x / ref_reach for x in reach]
         share = [float(np.mean([x["zero_var_frac"] for x in r["rows"] if x.get("zero_var_frac") is not None])) for r in rs]
-        sat = [saturated_steps(r) for r in rs] if all(train_groups(r) is not None for r in rs) else None
+        sat = [saturated_steps(r) for r in rs] if m in groups else None
         if m == ref:
             verdict = "–"
         elif min(len(rs), len(runs[ref])) < 3:  # the research standard: no verdict on fewer than 3 seeds
@@ -197,15 +197,14 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
         step = [float(np.median([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]  # robust to a stall
         lines.append(f"| {m} | {seed_stat(acc[m])} | {seed_stat(ratio, '{:.2f}')} | {seed_stat(share)} | "
                      f"{seed_stat(step, '{:.1f}')} | {'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
-    paced = {m: rs for m, rs in runs.items() if all(train_groups(r) is not None for r in rs)}
-    if not paced:
+    if not groups:
         return lines
     lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a. Training: every "
               "step's chosen prompts, p̂ before the step's update against the group's observed accuracy (G samples); "
               "held-out: p̂ at the end against each question's sampled accuracy.", "",
               "| method | prompts | level | training | held-out |", "|---|---|---|---|---|"]
-    for m, rs in paced.items():
-        tr = [train_groups(r) for r in rs]
+    for m, tr in groups.items():
+        rs = runs[m]
         ti, ta, tp = (np.concatenate([t[k] for t in tr]) for k in range(3))
         ha, hp = (np.concatenate([np.asarray(r["final"][k], float) for r in rs]) for k in ("acc", "p_hat"))
         lines.append(f"| {m} | {ti.size} / {ha.size} | all | {_calib_cells(tp, ta)} | {_calib_cells(hp, ha)} |")
@@ -223,8 +222,10 @@ def study_lines(runs: dict, ref: str = "grpo") -> list:
 
 
 def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only"), focus: str = "paced") -> str:
-    """The comparison table (markdown, also written to <out>/table.md) and two PNGs: held-out accuracy
-    against rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png).
+    """The comparison table (markdown, also written to <out>/table.md) and PNGs: held-out accuracy against
+    rollouts (<out>/accuracy_vs_rollouts.png) and p̂'s reliability (<out>/reliability.png). Runs that log each
+    step's groups with p̂ also get the study's table against grpo (`study_lines`) and
+    <out>/training_calibration.png.
     A target's accuracy is the baseline's final held-out accuracy, median over its seeds; the ratio
     is the median rollouts `focus` needs to reach it over the median the baseline needs."""
     plt = pyplot()
@@ -290,8 +291,9 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
         for m, cs in checks.items():
             lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
     lines += by_level(runs)
-    if any(train_groups(r) is not None for rs in runs.values() for r in rs):  # runs that log each step's groups
-        lines += study_lines(runs)
+    groups = {m: g for m, rs in runs.items() if None not in (g := [train_groups(r) for r in rs])}  # methods with p̂
+    if groups:  # runs that log each step's groups and p̂
+        lines += study_lines(runs, groups)
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
@@ -310,9 +312,8 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "accuracy_vs_rollouts.png"), dpi=120)
     plt.close(fig)
-    paced = {m: [train_groups(r) for r in rs] for m, rs in runs.items() if all(train_groups(r) is not None for r in rs)}
-    if paced:
-        plot_training_calibration(runs, paced, os.path.join(out, "training_calibration.png"))
+    if groups:
+        plot_training_calibration({m: runs[m] for m in groups}, os.path.join(out, "training_calibration.png"))
     series = {m: (np.concatenate([r["final"]["p_hat"] for r in rs]), np.concatenate([r["final"]["acc"] for r in rs]))
               for m, rs in with_p_hat.items()}
     if series:
@@ -320,14 +321,12 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
     return table
 
 
-def plot_training_calibration(runs: dict, paced: dict, path: str):
+def plot_training_calibration(runs: dict, path: str):
     """Per step, the mean p̂ of the chosen prompts (solid) against their groups' observed mean accuracy
-    (dashed), median over seeds, for each method with p̂: does Z_φ track the prompts it picks?"""
+    (dashed), median over seeds, for each method of `runs` (methods with p̂): does Z_φ track the prompts it picks?"""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, rs in runs.items():
-        if m not in paced:
-            continue
         steps = sorted({row["step"] for r in rs for row in r["rows"] if row.get("groups")})
         per = lambda k: [np.median([np.mean([g[k] for g in row["groups"]]) for r in rs for row in r["rows"]  # noqa: E731
                                     if row["step"] == s and row.get("groups")]) for s in steps]
