@@ -1866,6 +1866,28 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert compare.compare(str(tmp_path), str(tmp_path / "out3")).count("| none (2 seeds) |") == 1
 
 
+def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
+    """experiments/smollm2_study.sh copies a finished run's record (the three files the table reads, no
+    checkpoint) into RECORDS at once, skips a run that has a record without training it, and builds the
+    table from the records alone."""
+    out, records, results = tmp_path / "runs", tmp_path / "results" / "runs", tmp_path / "results"
+    out.mkdir()
+    fake_run(out, "grpo_s0", [0.2, 0.3, 0.4])  # finished in OUT, not yet recorded
+    (out / "grpo_s0" / "ckpt_000002").mkdir()
+    records.mkdir(parents=True)
+    fake_run(records, "paced_s0", [0.2, 0.35, 0.45])  # recorded, absent from OUT: training it would fail here
+    env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "ONLY": "grpo paced", "SEEDS": "0", "PYTHON": sys.executable}
+    p = subprocess.run(["bash", "experiments/smollm2_study.sh"], cwd=HERE, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "== paced_s0: recorded in" in p.stdout and "skipped" in p.stdout
+    assert sorted(os.listdir(records / "grpo_s0")) == ["config.json", "heldout_final.json", "metrics.jsonl"]
+    for f in ("config.json", "heldout_final.json", "metrics.jsonl"):
+        assert (records / "grpo_s0" / f).read_bytes() == (out / "grpo_s0" / f).read_bytes()
+    assert not (out / "paced_s0").exists() and not list(records.glob("*.tmp"))
+    table = (results / "table.md").read_text()
+    assert "| grpo | 1 | 0.400" in table and "| paced | 1 | 0.450" in table
+
+
 def test_compare_table_and_plots(algo_runs, tmp_path):
     table = compare.compare(str(algo_runs), str(tmp_path))
     lines = table.splitlines()
