@@ -1854,12 +1854,12 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     # training calibration of paced, level easy (prompts 0 and 2 of every seed's groups), pooled over seeds
     p = np.array([0.8, 0.0001, 0.8, 0.5, 0.8, 0.5])
     a = np.array([1.0, 0.0, 1.0, 0.5, 1.0, 0.5])
-    easy = f"{np.corrcoef(p, a)[0, 1]:.2f} / {np.abs(p - a).mean():.3f} / {p.mean():.2f} vs {a.mean():.2f}"
+    easy = f"{np.corrcoef(p, a)[0, 1]:.2f} / {np.abs(p - a).mean():.3f} / {p.mean():.2f} vs {a.mean():.2f} / {p.std():.2f}"
     # held-out, level easy: p̂ 0.7 against 0.7, 0.65, 0.8 (each seed's final + 0.1, twice)
     h = np.repeat([0.7, 0.65, 0.8], 2)
     line = next(l for l in table.splitlines() if l.startswith("| paced | 6 / 6 | easy |"))
     assert line.startswith(f"| paced | 6 / 6 | easy | {easy} | ")
-    assert line.endswith(f" | – / {np.abs(0.7 - h).mean():.3f} / 0.70 vs {h.mean():.2f} |")  # p̂ constant there: r undefined
+    assert line.endswith(f" | – / {np.abs(0.7 - h).mean():.3f} / 0.70 vs {h.mean():.2f} / 0.00 |")  # p̂ constant: r undefined
     assert "| paced_replay_only | 12 / 12 | all |" in table and "| grpo | 3 / " not in table  # grpo has no p̂
     assert (tmp_path / "out" / "training_calibration.png").stat().st_size > 0
     shutil.rmtree(tmp_path / "paced_s2")  # two seeds: no verdict

@@ -159,7 +159,7 @@ def saturated_steps(r: dict) -> int:
 def _calib_cells(p, a) -> str:
     c = calibration(p, a)
     r = "–" if c["acc_est_corr"] is None else f"{c['acc_est_corr']:.2f}"
-    return f"{r} / {c['acc_est_abs_err']:.3f} / {np.mean(p):.2f} vs {np.mean(a):.2f}"
+    return f"{r} / {c['acc_est_abs_err']:.3f} / {np.mean(p):.2f} vs {np.mean(a):.2f} / {np.std(p):.2f}"
 
 
 def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
@@ -199,9 +199,11 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
                      f"{seed_stat(step, '{:.1f}')} | {'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
     if not groups:
         return lines
-    lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a. Training: every "
-              "step's chosen prompts, p̂ before the step's update against the group's observed accuracy (G samples); "
-              "held-out: p̂ at the end against each question's sampled accuracy.", "",
+    lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a / standard "
+              "deviation of p̂. Training: every step's chosen prompts, p̂ before the step's update against the group's "
+              "observed accuracy (G samples); held-out: p̂ at the end against each question's sampled accuracy. A "
+              "selector that picks p̂ nearest τ narrows p̂'s spread over its chosen prompts (a small sd), which lowers "
+              "the training r by itself; the held-out r has every question.", "",
               "| method | prompts | level | training | held-out |", "|---|---|---|---|---|"]
     for m, tr in groups.items():
         rs = runs[m]
