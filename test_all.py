@@ -1886,6 +1886,9 @@ def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
     assert not (out / "paced_s0").exists() and not list(records.glob("*.tmp"))
     table = (results / "table.md").read_text()
     assert "| grpo | 1 | 0.400" in table and "| paced | 1 | 0.450" in table
+    if os.path.isdir(os.path.join(HERE, ".git")):  # the default records folder is committed, not ignored with runs/
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "results/smollm2_study/runs/grpo_s9/metrics.jsonl"], cwd=HERE)
+        assert ignored.returncode == 1, "results/smollm2_study/runs/ is git-ignored: the study's records would not be committed"
 
 
 def test_compare_table_and_plots(algo_runs, tmp_path):
