@@ -1864,6 +1864,8 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert (tmp_path / "out" / "training_calibration.png").stat().st_size > 0
     shutil.rmtree(tmp_path / "paced_s2")  # two seeds: no verdict
     assert compare.compare(str(tmp_path), str(tmp_path / "out3")).count("| none (2 seeds) |") == 1
+    shutil.rmtree(tmp_path / "paced_s1")
+    assert compare.compare(str(tmp_path), str(tmp_path / "out4")).count("| none (1 seed) |") == 1
 
 
 def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):

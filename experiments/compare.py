@@ -187,7 +187,8 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
         if m == ref:
             verdict = "–"
         elif min(len(rs), len(runs[ref])) < 3:  # the research standard: no verdict on fewer than 3 seeds
-            verdict = f"none ({min(len(rs), len(runs[ref]))} seeds)"
+            n = min(len(rs), len(runs[ref]))
+            verdict = f"none ({n} seed{'s' if n > 1 else ''})"
         elif min(acc[m]) > max(acc[ref]) or (ref_reach and all(x is not None and x < 1 for x in ratio)):
             verdict = "win"
         elif max(acc[m]) < min(acc[ref]):
