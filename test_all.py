@@ -1840,13 +1840,15 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             f = accs[-1]
             (d / "heldout_final.json").write_text(json.dumps({"samples": 4, "acc": [f + 0.1, f - 0.1, f + 0.1, f - 0.1],
-                                                              "p_hat": [0.7, 0.4, 0.7, 0.4] if paced else None}))
+                                                              "p_hat": ([0.7, 0.4, 0.7, 0.4 if s < 2 else 1e-4]
+                                                                        if paced else None)}))
             (d / "config.json").write_text(json.dumps({"train_data": str(train), "eval_data": str(held), "seed": s}))
     table = compare.compare(str(tmp_path), str(tmp_path / "out"))
     study = table[table.index("Against `grpo`"):]
     row = lambda m: next(l for l in study.splitlines() if l.startswith(f"| {m} |"))  # noqa: E731
     # paced reaches 0.45 at 83.3, 100 and 62.5 rollouts; grpo's median is 200
-    assert row("paced") == "| paced | 0.600 [0.550, 0.700] | 0.42 [0.31, 0.50] | 0.250 [0.250, 0.250] | 0.1 [0.1, 0.1] | 1, 0, 0 | win |"
+    assert row("paced") == ("| paced | 0.600 [0.550, 0.700] | 0.42 [0.31, 0.50] | 0.250 [0.250, 0.250] | 0.1 [0.1, 0.1] | "
+                            "1, 0, 0 / 0.00 [0.00, 0.25] | win |")  # seed 2 ends with p̂ 1e-4 on one held-out question of 4
     assert row("grpo") == ("| grpo | 0.450 [0.400, 0.500] | 1.00 [0.88, –] (1 of 3 seeds: not reached) | 0.500 [0.500, 0.500] | "
                            "0.1 [0.1, 0.1] | – | – |")
     assert row("grpo_history").endswith("| 0.88 [0.75, 1.00] | 0.250 [0.250, 0.250] | 0.1 [0.1, 0.1] | – | tie |")

@@ -156,6 +156,13 @@ def saturated_steps(r: dict) -> int:
                for row in r["rows"] if row.get("groups") and row["groups"][0][2] is not None)
 
 
+def saturated_share(p_hat, eps: float = 1e-3) -> float:
+    """The share of prompts whose p̂ lies within eps of 0 or 1 (where the sigmoid head's gradient vanishes for that
+    prompt): the per-prompt saturation that the loop's warning, which needs every selected prompt there, misses."""
+    p = np.asarray(p_hat, float)
+    return float(np.mean((p < eps) | (p > 1 - eps)))
+
+
 def _calib_cells(p, a) -> str:
     c = calibration(p, a)
     r = "–" if c["acc_est_corr"] is None else f"{c['acc_est_corr']:.2f}"
@@ -176,14 +183,17 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
     lines = ["", f"Against `{ref}` (the study's win rule: a seed range of final sampled accuracy above {ref}'s without "
              f"overlap, or {ref}'s final accuracy {target:.3f} reached in fewer rollouts than {ref}'s median in every "
              "seed; a range below is a loss, anything else a tie). All-equal share: the chosen groups' share with "
-             "all-equal rewards, mean over steps (the first round's, for dynamic sampling).", "",
+             "all-equal rewards, mean over steps (the first round's, for dynamic sampling). p̂ saturated: per seed, the steps "
+             "whose chosen prompts all had p̂ within 1e-3 of 0 or 1 (the loop's warning), then the share of held-out "
+             "questions with p̂ there at the end.", "",
              f"| method | final sampled acc | rollouts to {target:.3f}, ÷ {ref}'s | all-equal share | median step (s) "
-             f"| p̂ saturated (steps) | verdict |", "|---|---|---|---|---|---|---|"]
+             f"| p̂ saturated: steps / held-out share | verdict |", "|---|---|---|---|---|---|---|"]
     for m, rs in runs.items():
         reach = [rollouts_to_reach(eval_curve(r["rows"]), target) for r in rs]
         ratio = [None if x is None or not ref_reach else x / ref_reach for x in reach]
         share = [float(np.mean([x["zero_var_frac"] for x in r["rows"] if x.get("zero_var_frac") is not None])) for r in rs]
-        sat = [saturated_steps(r) for r in rs] if m in groups else None
+        sat = None if m not in groups else (", ".join(str(saturated_steps(r)) for r in rs) + " / "
+                                            + seed_stat([saturated_share(r["final"]["p_hat"]) for r in rs], "{:.2f}"))
         if m == ref:
             verdict = "–"
         elif min(len(rs), len(runs[ref])) < 3:  # the research standard: no verdict on fewer than 3 seeds
@@ -197,7 +207,7 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
             verdict = "tie"
         step = [float(np.median([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]  # robust to a stall
         lines.append(f"| {m} | {seed_stat(acc[m])} | {seed_stat(ratio, '{:.2f}')} | {seed_stat(share)} | "
-                     f"{seed_stat(step, '{:.1f}')} | {'–' if sat is None else ', '.join(map(str, sat))} | {verdict} |")
+                     f"{seed_stat(step, '{:.1f}')} | {sat or '–'} | {verdict} |")
     if not groups:
         return lines
     lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a / standard "
