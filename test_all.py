@@ -1870,6 +1870,26 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert compare.compare(str(tmp_path), str(tmp_path / "out4")).count("| none (1 seed) |") == 1
 
 
+@pytest.mark.parametrize("name", ["paced", "paced_replay_only"])
+def test_zphi_replay_reproduces_the_runs_head_from_its_record(algo_runs, name):
+    """experiments/zphi_replay.py retrains Z_φ from a run's logged groups alone: with the run's own settings it
+    gives the logged raw outputs and gradient norms (the head's data are all in the record); another setting
+    gives another head."""
+    from experiments import zphi_replay
+
+    run = str(algo_runs / f"{name}_s0")
+    cfg, rows = zphi_replay.load_record(run)
+    emb = zphi_replay.train_embeddings(run, cfg)
+    own = zphi_replay.replay(cfg, rows, emb, cfg["logz_lr"], cfg["logz_lr_fan_in"], 0.5)
+    assert len(own) == 4 and zphi_replay.deviation(own, rows) < 1e-4
+    for x, r in zip(own, rows):  # p̂ before each update: the logged groups' third column
+        assert np.allclose(x["p_before"], [g[2] for g in r["groups"]], atol=1e-5)
+    other = zphi_replay.replay(cfg, rows, emb, cfg["logz_lr"] / 10, cfg["logz_lr_fan_in"], 1.0)
+    assert zphi_replay.deviation(other, rows) > 1e-3
+    with pytest.raises(SystemExit, match="not a PACED-RL run"):
+        zphi_replay.load_record(str(algo_runs / "grpo_s0"))
+
+
 def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
     """experiments/smollm2_study.sh copies a finished run's record (the three files the table reads, no
     checkpoint) into RECORDS at once, skips a run that has a record without training it, and builds the

@@ -1,0 +1,130 @@
+"""Z_φ alone, retrained over a finished PACED-RL run's record: what other head settings do with the same data.
+
+Each metrics row of a run logs the step's chosen prompts with their observed group accuracy a(x) (`groups`) and
+how many replayed samples joined the update. In the one update of a step the fresh samples' log-ratio
+log π_θ − log π_old is exactly 0 and replayed samples do not train Z_φ (the defaults), so the head's loss is
+Σ_groups G·(p̂(x)/β − a(x)/β)² + const over the update's sample count: the head can be retrained here, without
+the LM, in a second. With the run's own settings it reproduces the logged diagnostics (printed as a check);
+with others it answers "would this head have saturated on these data?" on training prompts only:
+
+- saturated: the share of all training prompts whose p̂ ends within 1e-3 of 0 or 1 (where the sigmoid's
+  gradient vanishes for that prompt), and the most of it over the steps;
+- prequential calibration: each step's p̂ before its update against the group's a (mean error, Pearson r),
+  from step 1 on; under uniform selection (`paced_replay_only`) the prompts do not depend on the head.
+
+    python -m experiments.zphi_replay --run=runs/smollm2_study/paced_replay_only_s0
+    python -m experiments.zphi_replay --run=results/smollm2_study/runs/paced_replay_only_s0 --settings=1e-2:96:0.5,1e-2:96:1
+
+A setting is lr:ref_fan_in:power: each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5 is
+`--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere). e(x) comes from <run>/prompt_emb.pt, or is
+computed from the run's model and data as the loop does (about a minute for SmolLM2 on 2 cores).
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+import paced_rl
+from config import Config
+from metrics import calibration
+
+
+def load_record(run: str):
+    """(config dict, metrics rows) of a finished run; refused where the head's data are not in the record."""
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
+    if cfg.get("algo") != "paced" or not rows or not rows[0].get("groups"):
+        raise SystemExit(f"zphi_replay: {run} is not a PACED-RL run that logs its groups")
+    if cfg.get("updates_per_batch", 1) != 1 or cfg.get("replay_trains_logz") or cfg.get("logz_output") != "sigmoid":
+        raise SystemExit(f"zphi_replay: {run}: only one update per batch, replay not training Z_φ and the sigmoid head "
+                         "are replayed (the head's data are not in the record otherwise)")
+    return cfg, rows
+
+
+def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
+    """e(x) of the training prompts (N, D), from the run's cache or computed as the loop computes it."""
+    path = os.path.join(run, "prompt_emb.pt")
+    if os.path.exists(path):
+        return torch.load(path)["train"]
+    from data import load_data, load_tokenizer, prompt_embedding_cache
+
+    c = Config(**{k: v for k, v in cfg.items() if k in Config.__dataclass_fields__})
+    tok = load_tokenizer(c.model)
+    _, train_toks, _, eval_toks = load_data(c, tok, lambda *a: None)
+    with tempfile.TemporaryDirectory() as d:
+        c.out_dir = d
+        return prompt_embedding_cache(c, tok.pad_token_id, train_toks, eval_toks, torch.float32, torch.device("cpu"), 0, 1)[0]
+
+
+def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float) -> dict:
+    """Retrain a fresh head (the run's seed, width and init) on the record's groups; per-step diagnostics."""
+    torch.manual_seed(cfg["seed"])  # the loop seeds just before building the head: the same initial φ
+    head = paced_rl.LogZHead(emb.size(1), cfg["logz_hidden"], cfg["beta"], cfg["logz_init_acc"], "sigmoid")
+    head.set_normalization(emb)
+    layers = [m for m in head.net if isinstance(m, torch.nn.Linear)]
+    scale = (lambda m: (ref_fan_in / m.in_features) ** power) if ref_fan_in > 0 else (lambda m: 1.0)  # noqa: E731
+    opt = torch.optim.AdamW([{"params": list(m.parameters()), "lr": lr * scale(m), "weight_decay": 0.0} for m in layers])
+    G, beta, out = cfg["group_size"], cfg["beta"], []
+    for r in rows:
+        idx = torch.tensor([g[0] for g in r["groups"]])
+        a = torch.tensor([g[1] for g in r["groups"]], dtype=torch.float32)
+        p_before = head.p_hat(emb[idx]).detach()
+        denom = len(idx) * G + r.get("replayed", 0)  # the update's sample count (replayed samples add to it)
+        loss = (G * (head.p_hat(emb[idx]) / beta - a / beta) ** 2).sum() / denom
+        opt.zero_grad()
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(head.parameters(), float("inf")))
+        opt.step()
+        with torch.no_grad():
+            raw, p_all = head.raw(emb[idx]), head.p_hat(emb)
+        out.append({"step": r["step"], "p_before": p_before.numpy(), "a": a.numpy(), "grad_norm": gnorm,
+                    "raw_min": float(raw.min()), "raw_max": float(raw.max()),
+                    "saturated": float(((p_all < 1e-3) | (p_all > 1 - 1e-3)).float().mean())})
+    return out
+
+
+def deviation(steps: list, rows: list) -> float:
+    """The largest difference between a replay and the run's logged diagnostics (raw output range after each
+    update; the head's gradient norm, relative): about 1e-5 for the run's own setting."""
+    return max(max(abs(x["raw_min"] - r["logz_raw_min"]), abs(x["raw_max"] - r["logz_raw_max"]),
+                   abs(x["grad_norm"] - r["logz_grad_norm"]) / max(r["logz_grad_norm"], 1e-12))
+               for x, r in zip(steps, rows) if r.get("logz_raw_min") is not None)
+
+
+def summary(steps: list) -> dict:
+    p = np.concatenate([s["p_before"] for s in steps[1:]])
+    a = np.concatenate([s["a"] for s in steps[1:]])
+    c = calibration(p, a)
+    return {"saturated_end": steps[-1]["saturated"], "saturated_max": max(s["saturated"] for s in steps),
+            "raw_min": min(s["raw_min"] for s in steps), "err": c["acc_est_abs_err"], "r": c["acc_est_corr"]}
+
+
+def main(argv):
+    args = dict(a.lstrip("-").split("=", 1) for a in argv)
+    unknown = set(args) - {"run", "settings"}
+    if unknown or "run" not in args:
+        raise SystemExit(f"zphi_replay: unknown {sorted(unknown)}" if unknown else __doc__)
+    cfg, rows = load_record(args["run"])
+    emb = train_embeddings(args["run"], cfg)
+    own = f"{cfg['logz_lr']}:{cfg.get('logz_lr_fan_in', 0)}:0.5"
+    settings = args.get("settings", own).split(",")
+    for s in settings:
+        lr, ref, power = s.split(":")
+        steps = replay(cfg, rows, emb, float(lr), int(ref), float(power))
+        if s == own:  # the check: the run's own setting gives the logged diagnostics
+            print(f"{s}: the run's own setting; largest deviation from the logged diagnostics {deviation(steps, rows):.2e}")
+        m = summary(steps)
+        r = "–" if m["r"] is None else f"{m['r']:.2f}"
+        print(f"{s}: saturated share of {emb.size(0)} training prompts at the end {m['saturated_end']:.2f} (max "
+              f"{m['saturated_max']:.2f}), lowest raw output {m['raw_min']:.1f}, prequential error {m['err']:.3f}, r {r}")
+        print("   saturated by step: " + " ".join(f"{x['saturated']:.2f}" for x in steps))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
