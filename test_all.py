@@ -1884,6 +1884,9 @@ def test_zphi_replay_reproduces_the_runs_head_from_its_record(algo_runs, name):
     assert len(own) == 4 and zphi_replay.deviation(own, rows) < 1e-4
     for x, r in zip(own, rows):  # p̂ before each update: the logged groups' third column
         assert np.allclose(x["p_before"], [g[2] for g in r["groups"]], atol=1e-5)
+    acc = [np.array([g[1] for g in r["groups"]]) for r in rows]  # the reference by hand: step s predicted by steps < s
+    assert zphi_replay.running_mean_error(rows) == pytest.approx(np.mean(np.concatenate(
+        [np.abs(acc[s] - np.mean(np.concatenate(acc[:s]))) for s in (1, 2, 3)])))
     other = zphi_replay.replay(cfg, rows, emb, cfg["logz_lr"] / 10, cfg["logz_lr_fan_in"], 1.0)
     assert zphi_replay.deviation(other, rows) > 1e-3
     with pytest.raises(SystemExit, match="not a PACED-RL run"):
@@ -2074,6 +2077,7 @@ IMPORTS = {
     "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "paced_rl", "scheduler"],
     "experiments.study": ["eval", "experiments.compare"],
     "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "tb_loss", "update", "verify"],
+    "experiments.zphi_replay": ["config", "data", "metrics", "paced_rl"],
 }
 
 

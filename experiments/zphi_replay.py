@@ -10,7 +10,9 @@ with others it answers "would this head have saturated on these data?" on traini
 - saturated: the share of all training prompts whose p̂ ends within 1e-3 of 0 or 1 (where the sigmoid's
   gradient vanishes for that prompt), and the most of it over the steps;
 - prequential calibration: each step's p̂ before its update against the group's a (mean error, Pearson r),
-  from step 1 on; under uniform selection (`paced_replay_only`) the prompts do not depend on the head.
+  from step 1 on, beside the error of a running mean of earlier groups' accuracy (what a head must beat); under
+  uniform selection (`paced_replay_only`) the prompts do not depend on the head, so every setting sees the data
+  it would have seen.
 
     python -m experiments.zphi_replay --run=runs/smollm2_study/paced_replay_only_s0
     python -m experiments.zphi_replay --run=results/smollm2_study/runs/paced_replay_only_s0 --settings=1e-2:96:0.5,1e-2:96:1
@@ -105,6 +107,13 @@ def summary(steps: list) -> dict:
             "raw_min": min(s["raw_min"] for s in steps), "err": c["acc_est_abs_err"], "r": c["acc_est_corr"]}
 
 
+def running_mean_error(rows: list) -> float:
+    """The reference a head has to beat: the mean abs error of predicting each step's groups by the mean observed
+    accuracy of all earlier groups (from step 1 on, as the prequential error)."""
+    acc = [np.array([g[1] for g in r["groups"]], float) for r in rows]
+    return float(np.mean(np.concatenate([np.abs(acc[i] - np.concatenate(acc[:i]).mean()) for i in range(1, len(acc))])))
+
+
 def main(argv):
     args = dict(a.lstrip("-").split("=", 1) for a in argv)
     unknown = set(args) - {"run", "settings"}
@@ -114,6 +123,7 @@ def main(argv):
     emb = train_embeddings(args["run"], cfg)
     own = f"{cfg['logz_lr']}:{cfg.get('logz_lr_fan_in', 0)}:0.5"
     settings = args.get("settings", own).split(",")
+    print(f"reference: the running mean of earlier groups' accuracy has prequential error {running_mean_error(rows):.3f}")
     for s in settings:
         lr, ref, power = s.split(":")
         steps = replay(cfg, rows, emb, float(lr), int(ref), float(power))
