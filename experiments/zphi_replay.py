@@ -17,8 +17,8 @@ with others it answers "would this head have saturated on these data?" on traini
     python -m experiments.zphi_replay --run=runs/smollm2_study/paced_replay_only_s0
     python -m experiments.zphi_replay --run=results/smollm2_study/runs/paced_replay_only_s0 --settings=1e-2:96:0.5,1e-2:96:1
 
-A setting is lr:ref_fan_in:power: each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5 is
-`--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere). e(x) comes from <run>/prompt_emb.pt, or is
+A setting is lr:ref_fan_in:power[:weight_decay]: each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5
+is `--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere), AdamW's decoupled weight decay (default 0, the loop's). e(x) comes from <run>/prompt_emb.pt, or is
 computed from the run's model and data as the loop does (about a minute for SmolLM2 on 2 cores).
 """
 
@@ -64,14 +64,14 @@ def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
         return prompt_embedding_cache(c, tok.pad_token_id, train_toks, eval_toks, torch.float32, torch.device("cpu"), 0, 1)[0]
 
 
-def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float) -> dict:
+def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0) -> dict:
     """Retrain a fresh head (the run's seed, width and init) on the record's groups; per-step diagnostics."""
     torch.manual_seed(cfg["seed"])  # the loop seeds just before building the head: the same initial φ
     head = paced_rl.LogZHead(emb.size(1), cfg["logz_hidden"], cfg["beta"], cfg["logz_init_acc"], "sigmoid")
     head.set_normalization(emb)
     layers = [m for m in head.net if isinstance(m, torch.nn.Linear)]
     scale = (lambda m: (ref_fan_in / m.in_features) ** power) if ref_fan_in > 0 else (lambda m: 1.0)  # noqa: E731
-    opt = torch.optim.AdamW([{"params": list(m.parameters()), "lr": lr * scale(m), "weight_decay": 0.0} for m in layers])
+    opt = torch.optim.AdamW([{"params": list(m.parameters()), "lr": lr * scale(m), "weight_decay": wd} for m in layers])
     G, beta, out = cfg["group_size"], cfg["beta"], []
     for r in rows:
         idx = torch.tensor([g[0] for g in r["groups"]])
@@ -125,8 +125,8 @@ def main(argv):
     settings = args.get("settings", own).split(",")
     print(f"reference: the running mean of earlier groups' accuracy has prequential error {running_mean_error(rows):.3f}")
     for s in settings:
-        lr, ref, power = s.split(":")
-        steps = replay(cfg, rows, emb, float(lr), int(ref), float(power))
+        lr, ref, power, wd = (s.split(":") + ["0"])[:4]
+        steps = replay(cfg, rows, emb, float(lr), int(ref), float(power), float(wd))
         if s == own:  # the check: the run's own setting gives the logged diagnostics
             print(f"{s}: the run's own setting; largest deviation from the logged diagnostics {deviation(steps, rows):.2e}")
         m = summary(steps)
