@@ -2,8 +2,9 @@
 # Does difficulty scheduling pay on a real pretrained model? (RESULTS.md, "The SmolLM2 study")
 # methods.py's `smollm2_study` group (GRPO, GRPO + history, GRPO + dynamic sampling, the TB loss with uniform
 # selection, PACED-RL) × 3 seeds on --preset=smollm2_arith, one process each, one run after the other; then
-# the table and plots in results/smollm2_study. About 15 minutes a run on 2 CPU cores (dynamic sampling 25), so
-# the whole study takes several sittings, and it is built to be stopped:
+# the table and plots in results/smollm2_study. 15 to 25 minutes a run on 2 CPU cores, dynamic sampling longer, so
+# the whole study takes several sittings, and it is built to be stopped. Run nothing CPU-heavy beside it: with the
+# test suite running too, dynamic sampling's steps took 10 times as long (2026-12-03).
 # - a run trains in runs/smollm2_study/<method>_s<seed> (checkpoints every 4 steps: an interrupted run resumes);
 # - a finished run's record (config.json, metrics.jsonl, heldout_final.json: all the table reads, a few hundred
 #   kB) is copied at once to results/smollm2_study/runs/, which is committed; a run with a record is skipped.
