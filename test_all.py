@@ -2077,7 +2077,7 @@ IMPORTS = {
     "experiments": [], "experiments.compare": ["eval", "methods", "metrics", "paced_rl", "scheduler"],
     "experiments.study": ["eval", "experiments.compare"],
     "experiments.bench": ["config", "paced_rl", "replay", "scheduler", "selection", "tb_loss", "update", "verify"],
-    "experiments.zphi_replay": ["config", "data", "metrics", "paced_rl"],
+    "experiments.zphi_replay": ["config", "data", "experiments.compare", "metrics", "paced_rl"],
 }
 
 

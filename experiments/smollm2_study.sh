@@ -6,7 +6,7 @@
 # the whole study takes several sittings, and it is built to be stopped. Run nothing CPU-heavy beside it: with the
 # test suite running too, dynamic sampling's steps took 10 times as long (2026-12-03).
 # - a run trains in runs/smollm2_study/<method>_s<seed> (checkpoints every 4 steps: an interrupted run resumes);
-# - a finished run's record (config.json, metrics.jsonl, heldout_final.json: all the table reads, a few hundred
+# - a finished run's record (config.json, metrics.jsonl, heldout_final.json: all the table reads, about 30
 #   kB) is copied at once to results/smollm2_study/runs/, which is committed; a run with a record is skipped.
 # So a fresh clone holding the records rebuilds the committed table without training; to train every run
 # again and compare, point RECORDS somewhere empty (the runs are deterministic on one machine's CPU):

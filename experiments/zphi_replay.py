@@ -18,8 +18,8 @@ with others it answers "would this head have saturated on these data?" on traini
     python -m experiments.zphi_replay --run=results/smollm2_study/runs/paced_replay_only_s0 --settings=1e-2:96:0.5,1e-2:96:1
 
 A setting is lr:ref_fan_in:power[:weight_decay]: each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5
-is `--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere), AdamW's decoupled weight decay (default 0, the loop's). e(x) comes from <run>/prompt_emb.pt, or is
-computed from the run's model and data as the loop does (about a minute for SmolLM2 on 2 cores).
+is `--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere), with AdamW's decoupled weight decay (default 0,
+the loop's). e(x) comes from <run>/prompt_emb.pt, or is computed from the run's model and data as the loop does.
 """
 
 import json
@@ -32,6 +32,7 @@ import torch
 
 import paced_rl
 from config import Config
+from experiments.compare import saturated_share
 from metrics import calibration
 
 
@@ -64,7 +65,7 @@ def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
         return prompt_embedding_cache(c, tok.pad_token_id, train_toks, eval_toks, torch.float32, torch.device("cpu"), 0, 1)[0]
 
 
-def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0) -> dict:
+def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0) -> list:
     """Retrain a fresh head (the run's seed, width and init) on the record's groups; per-step diagnostics."""
     torch.manual_seed(cfg["seed"])  # the loop seeds just before building the head: the same initial φ
     head = paced_rl.LogZHead(emb.size(1), cfg["logz_hidden"], cfg["beta"], cfg["logz_init_acc"], "sigmoid")
@@ -87,7 +88,7 @@ def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int,
             raw, p_all = head.raw(emb[idx]), head.p_hat(emb)
         out.append({"step": r["step"], "p_before": p_before.numpy(), "a": a.numpy(), "grad_norm": gnorm,
                     "raw_min": float(raw.min()), "raw_max": float(raw.max()),
-                    "saturated": float(((p_all < 1e-3) | (p_all > 1 - 1e-3)).float().mean())})
+                    "saturated": saturated_share(p_all.numpy())})
     return out
 
 
@@ -121,13 +122,14 @@ def main(argv):
         raise SystemExit(f"zphi_replay: unknown {sorted(unknown)}" if unknown else __doc__)
     cfg, rows = load_record(args["run"])
     emb = train_embeddings(args["run"], cfg)
-    own = f"{cfg['logz_lr']}:{cfg.get('logz_lr_fan_in', 0)}:0.5"
-    settings = args.get("settings", own).split(",")
+    own = (float(cfg["logz_lr"]), int(cfg.get("logz_lr_fan_in", 0)), 0.5, 0.0)
+    settings = args.get("settings", ":".join(map(str, own))).split(",")
     print(f"reference: the running mean of earlier groups' accuracy has prequential error {running_mean_error(rows):.3f}")
     for s in settings:
         lr, ref, power, wd = (s.split(":") + ["0"])[:4]
-        steps = replay(cfg, rows, emb, float(lr), int(ref), float(power), float(wd))
-        if s == own:  # the check: the run's own setting gives the logged diagnostics
+        setting = (float(lr), int(ref), float(power), float(wd))
+        steps = replay(cfg, rows, emb, *setting)
+        if setting == own:  # the check: the run's own setting gives the logged diagnostics
             print(f"{s}: the run's own setting; largest deviation from the logged diagnostics {deviation(steps, rows):.2e}")
         m = summary(steps)
         r = "–" if m["r"] is None else f"{m['r']:.2f}"
