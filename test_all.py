@@ -1901,18 +1901,31 @@ def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
     out.mkdir()
     fake_run(out, "grpo_s0", [0.2, 0.3, 0.4])  # finished in OUT, not yet recorded
     (out / "grpo_s0" / "ckpt_000002").mkdir()
+    heldout = tmp_path / "heldout.jsonl"  # the run's held-out data, with levels, outside the records
+    heldout.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
+                               for i, lv in enumerate(["easy", "easy", "hard", "hard"])))
+    (out / "grpo_s0" / "config.json").write_text(json.dumps({"eval_data": str(heldout)}))
     records.mkdir(parents=True)
     fake_run(records, "paced_s0", [0.2, 0.35, 0.45])  # recorded, absent from OUT: training it would fail here
     env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "ONLY": "grpo paced", "SEEDS": "0", "PYTHON": sys.executable}
     p = subprocess.run(["bash", "experiments/smollm2_study.sh"], cwd=HERE, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "== paced_s0: recorded in" in p.stdout and "skipped" in p.stdout
-    assert sorted(os.listdir(records / "grpo_s0")) == ["config.json", "heldout_final.json", "metrics.jsonl"]
+    assert sorted(os.listdir(records / "grpo_s0")) == ["config.json", "heldout_final.json", "levels.json", "metrics.jsonl"]
     for f in ("config.json", "heldout_final.json", "metrics.jsonl"):
         assert (records / "grpo_s0" / f).read_bytes() == (out / "grpo_s0" / f).read_bytes()
+    assert json.loads((records / "grpo_s0" / "levels.json").read_text()) == {"eval_data": ["easy", "easy", "hard", "hard"]}
     assert not (out / "paced_s0").exists() and not list(records.glob("*.tmp"))
     table = (results / "table.md").read_text()
     assert "| grpo | 1 | 0.400" in table and "| paced | 1 | 0.450" in table
+    # a fresh clone has the records but not the data files (testbed/ is not committed): the by-level table
+    # comes from the records' levels.json
+    heldout.unlink()
+    (records / "paced_s0" / "levels.json").write_text(json.dumps({"eval_data": ["easy", "easy", "hard", "hard"]}))
+    table = compare.compare(str(records), str(tmp_path / "again"))
+    assert "| method | easy (2) | hard (2) |" in table and "| grpo | 0.400 | 0.400 |" in table
+    (records / "grpo_s0" / "levels.json").unlink()  # without it, and without the file: no by-level table
+    assert "by difficulty level" not in compare.compare(str(records), str(tmp_path / "again"))
     if os.path.isdir(os.path.join(HERE, ".git")):  # the default records folder is committed, not ignored with runs/
         ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "results/smollm2_study/runs/grpo_s9/metrics.jsonl"], cwd=HERE)
         assert ignored.returncode == 1, "results/smollm2_study/runs/ is git-ignored: the study's records would not be committed"

@@ -3,8 +3,10 @@
     python -m experiments.compare --runs=runs/compare                # runs named <method>_s<seed>: table.md and plots
     python -m experiments.compare --runs=runs/a,runs/b --out=runs/ab  # any finished runs, or directories of them
     python -m experiments.compare --agree=runs/one,runs/two          # where two runs of one config part (1 vs 2 processes)
+    python -m experiments.compare --write_levels=runs/x              # a run's data levels into its levels.json
 
-A run is a directory with metrics.jsonl, config.json and heldout_final.json (train.py writes them). Every
+A run is a directory with metrics.jsonl, config.json and heldout_final.json (train.py writes them), and
+optionally levels.json (the data rows' levels, for the by-level tables where the data files are absent). Every
 figure over seeds is "median [min, max]" (`seed_stat`), and a method reaches a target accuracy in the
 median only while at least half of its seeds reach it (`median_reached`); study.py uses the same two.
 """
@@ -66,8 +68,13 @@ def load_runs(paths: str) -> dict:
             final = json.load(f)
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)
+        levels = {}
+        if os.path.exists(os.path.join(path, "levels.json")):
+            with open(os.path.join(path, "levels.json")) as f:
+                levels = json.load(f)
         name = m.group(1) if m else os.path.basename(path)
-        runs.setdefault(name, []).append({"seed": cfg.get("seed"), "rows": rows, "final": final, "config": cfg})
+        runs.setdefault(name, []).append({"seed": cfg.get("seed"), "rows": rows, "final": final, "config": cfg,
+                                          "levels": levels})
     return runs
 
 
@@ -116,13 +123,33 @@ def levels_of(path: str, n=None):
     return [x["level"] for x in rows] if n in (None, len(rows)) and all("level" in x for x in rows) else None
 
 
+def run_levels(run: dict, key: str, n=None):
+    """The levels of a run's `train_data` or `eval_data` (key): from the run's own levels.json where it has one
+    (a record, which must not depend on data files a fresh clone lacks), else from the data file itself."""
+    lv = run.get("levels", {}).get(key)
+    if lv is not None:
+        return lv if n in (None, len(lv)) else None
+    return levels_of(run["config"].get(key, ""), n)
+
+
+def write_levels(run_dir: str) -> dict:
+    """Writes <run_dir>/levels.json: the `level` of every row of the run's train_data and eval_data (those that
+    have levels), so that the by-level tables can be rebuilt from the run's record alone."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    out = {k: lv for k in ("train_data", "eval_data") if (lv := levels_of(cfg.get(k, ""))) is not None}
+    with open(os.path.join(run_dir, "levels.json"), "w") as f:
+        json.dump(out, f)
+    return out
+
+
 def by_level(runs: dict) -> list:
     """Markdown lines: each method's final held-out accuracy per `level` of the held-out rows (the smollm2
     task's difficulty levels), median over seeds; [] where a run's held-out file is gone or has no levels."""
     levels = None
     for rs in runs.values():
         for r in rs:
-            mine = levels_of(r["config"].get("eval_data", ""), len(r["final"]["acc"]))
+            mine = run_levels(r, "eval_data", len(r["final"]["acc"]))
             if mine is None or levels not in (None, mine):
                 return []  # no levels, or runs on different held-out sets: no common breakdown
             levels = mine
@@ -221,8 +248,8 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
         ti, ta, tp = (np.concatenate([t[k] for t in tr]) for k in range(3))
         ha, hp = (np.concatenate([np.asarray(r["final"][k], float) for r in rs]) for k in ("acc", "p_hat"))
         lines.append(f"| {m} | {ti.size} / {ha.size} | all | {_calib_cells(tp, ta)} | {_calib_cells(hp, ha)} |")
-        tl = [levels_of(r["config"].get("train_data", "")) for r in rs]
-        hl = [levels_of(r["config"].get("eval_data", ""), len(r["final"]["acc"])) for r in rs]
+        tl = [run_levels(r, "train_data") for r in rs]
+        hl = [run_levels(r, "eval_data", len(r["final"]["acc"])) for r in rs]
         if any(x is None for x in tl + hl) or any(t[0].max() >= len(lv) for lv, t in zip(tl, tr)):
             continue
         tlev = np.concatenate([np.asarray(lv, dtype=object)[t[0]] for lv, t in zip(tl, tr)])
@@ -375,9 +402,13 @@ def main(argv):
         out = agreement(*args["agree"].split(","))
         print(json.dumps(out))
         return out
+    if "write_levels" in args:
+        for d in args["write_levels"].split(","):
+            print(d, {k: len(v) for k, v in write_levels(d).items()})
+        return None
     if "runs" not in args:
         raise SystemExit("usage: python -m experiments.compare --runs=<dir or dirs, comma-separated> [--out=<dir>] | "
-                         "--agree=<run>,<run>")
+                         "--agree=<run>,<run> | --write_levels=<run dir>[,<run dir>...]")
     table = compare(args["runs"], args.get("out", args["runs"].split(",")[0]))
     print(table, end="")
     return table

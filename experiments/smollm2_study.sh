@@ -6,8 +6,9 @@
 # the whole study takes several sittings, and it is built to be stopped. Run nothing CPU-heavy beside it: with the
 # test suite running too, dynamic sampling's steps took 10 times as long (2026-12-03).
 # - a run trains in runs/smollm2_study/<method>_s<seed> (checkpoints every 4 steps: an interrupted run resumes);
-# - a finished run's record (config.json, metrics.jsonl, heldout_final.json: all the table reads, about 30
-#   kB) is copied at once to results/smollm2_study/runs/, which is committed; a run with a record is skipped.
+# - a finished run's record (config.json, metrics.jsonl, heldout_final.json, and levels.json with the data
+#   rows' levels: all the table reads, about 30 kB) is copied at once to results/smollm2_study/runs/, which is
+#   committed; a run with a record is skipped.
 # So a fresh clone holding the records rebuilds the committed table without training; to train every run
 # again and compare, point RECORDS somewhere empty (the runs are deterministic on one machine's CPU):
 #   bash experiments/smollm2_study.sh
@@ -30,6 +31,7 @@ for s in ${SEEDS:-0 1 2}; do
       --eval_samples=4 --eval_greedy=true --ckpt_every=4 "$@"
     mkdir -p "$RECORDS/$name.tmp"
     cp "$OUT/$name/config.json" "$OUT/$name/metrics.jsonl" "$OUT/$name/heldout_final.json" "$RECORDS/$name.tmp/"
+    $PY -m experiments.compare --write_levels="$RECORDS/$name.tmp" >/dev/null  # the data's levels: testbed/ is not committed
     rm -rf "$RECORDS/$name" && mv "$RECORDS/$name.tmp" "$RECORDS/$name"
     echo "== $name: recorded in $RECORDS/$name"
   done
