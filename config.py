@@ -8,6 +8,7 @@ made (check_config): an inconsistent combination stops with an error that names 
 
 import dataclasses
 import inspect
+import math
 import re
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ class Config:
     shot_response: str = ""  # its answer, in the format the verifier checks (both shot fields or neither)
     verifier: str = "testbed"  # a name in verify.VERIFIERS: testbed | math | code
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
-    testbed_dir: str = "testbed"  # built here on first use when model or data point inside it
+    testbed_dir: str = "testbed"  # the bundled task's folder (shipped; checked before a run whose model or data is in it)
+    testbed_check: bool = True  # refuse a testbed that is not a shipped build (tasks/testbed.py SHIPPED)
     regime: str = ""  # a difficulty regime of the testbed's training pool (testbed.REGIMES: base | mid | high); sets train_data
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
     # --- rollouts
@@ -99,6 +101,7 @@ class Config:
     logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
     logz_lr_fan_in: int = 96  # > 0: each Z_φ layer trains at logz_lr·sqrt(this/fan_in), so Adam moves every weight by the same share of its initial scale at any embedding width (96: the testbed's, where logz_lr was tuned); 0 = logz_lr everywhere
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
+    nonfinite_patience: int = 3  # steps in a row whose update was skipped for a NaN / inf loss or gradient before the run stops
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (Z_φ is not clipped: its scale is its own); 0 = off
     # --- evaluation, logging, checkpoints
     eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
@@ -202,6 +205,38 @@ def make_config(overrides: dict) -> Config:
     return Config(**merged)
 
 
+# The range of every numeric field, in interval notation ("[" closed, "(" open, inf unbounded). check_config
+# refuses a value outside it, and any NaN or infinity, with one line naming the field, its value and the range.
+RANGES = {
+    "seed": "[0, inf)", "max_steps": "[0, inf)", "dist_timeout_s": "[1, inf)", "verifier_workers": "[1, inf)",
+    "max_prompt_tokens": "[1, inf)", "prompts_per_step": "[1, inf)", "group_size": "[1, inf)",
+    "max_new_tokens": "[1, inf)", "rollout_batch": "[0, inf)", "micro_batch": "[0, inf)", "logit_chunk": "[0, inf)",
+    "updates_per_batch": "[1, inf)", "temperature": "(0, inf)", "dyn_max_rounds": "[1, inf)", "adv_eps": "[0, inf)",
+    "clip_eps": "[0, 1)", "kl_every": "[0, inf)", "kl_coef": "[0, inf)", "flowrl_reward_mult": "[0, inf)",
+    "flowrl_is_clip": "[0, inf)", "beta": "(0, inf)", "tau": "[0, 1]", "explore_frac": "[0, 1]", "pool_size": "[0, inf)",
+    "history_forget": "(0, 1]", "history_prior_a": "(0, inf)", "history_prior_b": "(0, inf)", "hybrid_n0": "(0, inf)",
+    "regress_lr": "(0, inf)", "quality_every": "[1, inf)", "logz_hidden": "[1, inf)", "logz_init_acc": "[0, 1]",
+    "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)", "replay_is_clip": "[0, inf)",
+    "lr": "(0, inf)", "logz_lr": "(0, inf)", "logz_lr_fan_in": "[0, inf)", "weight_decay": "[0, inf)",
+    "grad_clip": "[0, inf)", "nonfinite_patience": "[1, inf)", "eval_every": "[1, inf)", "eval_samples": "[1, inf)", "eval_batch": "[1, inf)",
+    "ckpt_every": "[1, inf)", "keep_ckpts": "[1, inf)",
+}
+
+
+def in_range(value: float, interval: str) -> bool:
+    """Whether a finite `value` lies in an interval written as in RANGES, e.g. "(0, 1]"."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def check_ranges(cfg: Config):
+    """Every numeric field finite and inside its RANGES interval; the first that is not stops the run, named."""
+    for k, interval in RANGES.items():
+        v = getattr(cfg, k)
+        if not math.isfinite(v) or not in_range(v, interval):
+            raise SystemExit(f"config: {k}={v!r} is out of range: expected a finite value in {interval}")
+
+
 def check_config(cfg: Config):
     """Refuse a value out of range or a combination the code cannot run, naming the field."""
     choices = {"algo": ("paced", "grpo", "flowrl"), "grpo_agg": ("token_mean", "seq_mean"),
@@ -212,17 +247,7 @@ def check_config(cfg: Config):
     for k, allowed in choices.items():
         if getattr(cfg, k) not in allowed:
             raise SystemExit(f"config: {k}={getattr(cfg, k)!r}; expected one of {allowed}")
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "eval_every", "ckpt_every", "eval_samples", "quality_every"):
-        if getattr(cfg, k) < 1:
-            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
-    if cfg.beta <= 0:
-        raise SystemExit(f"config: beta must be > 0, got {cfg.beta}")
-    for k in ("tau", "explore_frac", "logz_init_acc"):
-        if not 0 <= getattr(cfg, k) <= 1:
-            raise SystemExit(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
-    for k in ("adv_eps", "clip_eps", "kl_coef", "kl_every", "logz_lr_fan_in", "flowrl_reward_mult", "flowrl_is_clip"):
-        if getattr(cfg, k) < 0:
-            raise SystemExit(f"config: {k} must be ≥ 0, got {getattr(cfg, k)}")
+    check_ranges(cfg)
     if cfg.algo == "flowrl" and (cfg.select != "uniform" or cfg.replay != "off"):
         raise SystemExit(f"config: algo=flowrl samples uniformly without replay (the baseline as published); got "
                          f"select={cfg.select}, replay={cfg.replay}: those are PACED-RL's switches")
@@ -234,13 +259,8 @@ def check_config(cfg: Config):
                          f"has (got verifier={cfg.verifier}, exact_metrics={cfg.exact_metrics})")
     if cfg.exact_metrics == "on" and cfg.verifier != "testbed":
         raise SystemExit(f"config: exact_metrics=on needs the testbed verifier (exact match); got verifier={cfg.verifier}")
-    if not 0 < cfg.history_forget <= 1 or min(cfg.history_prior_a, cfg.history_prior_b, cfg.hybrid_n0) <= 0:
-        raise SystemExit("config: history_forget must be in (0, 1] and history_prior_a, history_prior_b, hybrid_n0 > 0")
     if cfg.updates_per_batch > cfg.prompts_per_step:
         raise SystemExit(f"config: updates_per_batch={cfg.updates_per_batch} exceeds prompts_per_step={cfg.prompts_per_step}")
-    for k in ("verifier_workers", "keep_ckpts", "dist_timeout_s", "replay_capacity", "dyn_max_rounds", "updates_per_batch"):
-        if getattr(cfg, k) < 1:
-            raise SystemExit(f"config: {k} must be ≥ 1, got {getattr(cfg, k)}")
     if cfg.select != "uniform" and 0 < cfg.pool_size < cfg.prompts_per_step:
         raise SystemExit(f"config: pool_size={cfg.pool_size} is smaller than prompts_per_step={cfg.prompts_per_step}")
     if cfg.fsdp and cfg.logit_chunk > 0:

@@ -45,7 +45,7 @@ import scheduler
 import verify
 from config import Config, make_config, parse_args
 from data import load_data, load_tokenizer, prompt_embedding_cache
-from distributed import all_sum, bf16_pays, check_ranks_agree, gather, print0, setup_distributed, teardown
+from distributed import all_sum, bf16_pays, check_ranks_agree, gather, is_sharded, print0, setup_distributed, teardown
 from metrics import calibration
 from rollout import Batch, dynamic_sampling, roll_and_verify, seed_of
 from selection import NEEDS_EMBEDDINGS, Selector
@@ -83,6 +83,7 @@ class Run:
     skipped: int = 0  # optimizer steps skipped (non-finite, or nothing to train on)
     exact_eval: object = None  # () -> (exact accuracies, pruned mass) of the held-out prompts, else None
     warned_saturation: bool = False  # the warning that p̂ is stuck at 0 or 1 is said once a run
+    nonfinite_steps: int = 0  # steps in a row whose update was skipped for a non-finite loss or gradient
 
 
 def setup(cfg: Config) -> Run:
@@ -100,7 +101,7 @@ def setup(cfg: Config) -> Run:
         log(f"dtype=auto: {cfg.dtype} ({why})")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     if rank == 0:
-        tasks.ensure_for(cfg, log)  # the bundled tasks that the run's model or data point into, built on first use
+        tasks.ensure_for(cfg, log)  # the shipped testbed checked; derived tasks the run reads, built on first use
     if world > 1:
         dist.barrier()
 
@@ -157,6 +158,12 @@ def restore(run: Run, st: dict):
 
 
 def save(run: Run, step: int):
+    """A checkpoint of everything resume needs; never one of non-finite weights (the last good one stays)."""
+    bad = all_sum(float(sum(int((~torch.isfinite(p.to_local() if is_sharded(p) else p.detach())).sum()) for p in run.params)),
+                  run.world, run.device)  # every rank decides alike
+    if bad:
+        raise SystemExit(f"stopping at step {step}: {int(bad)} weights are NaN or infinite; no checkpoint written, the "
+                         f"newest good one in {run.cfg.out_dir} is intact (lower --lr)")
     ckpt.save_checkpoint(run.cfg, run.policy, run.tokenizer, run.opt, {
         "step": step, "rollouts": run.rollouts, "skipped_updates": run.skipped, "pool": run.pool.state_dict(),
         "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state, "selector": run.selector.state_dict(),
@@ -316,6 +323,11 @@ def train(cfg: Config) -> dict:
         t4 = time.time()
         upd = update(run, batch, drawn, n_train)                                      # 5. update
         run.rollouts += n_prompts * cfg.group_size
+        run.nonfinite_steps = run.nonfinite_steps + 1 if upd.nonfinite else 0
+        if run.nonfinite_steps >= cfg.nonfinite_patience:  # every rank counts the same (the loss is all-reduced)
+            raise SystemExit(f"stopping at step {run.step}: {run.nonfinite_steps} steps in a row had a non-finite loss or "
+                             f"gradient (each update skipped, the weights unchanged); the newest checkpoint in {cfg.out_dir} "
+                             f"is intact. Lower --lr, or check the data and the reward")
         if cfg.replay == "on":
             add_to_replay(run, batch, acc, p_hat, upd.logp_old)
         t5 = time.time()

@@ -7,7 +7,8 @@
   global-batch loss: the same update on 1 rank or 8, with micro-batches or without.
 - updates_per_batch = U > 1: U optimizer steps per rollout batch, step u on the prompts at global
   positions [u·n/U, (u+1)·n/U), anchored on the sampler's log-probs (one no-grad pass before the first).
-- A non-finite loss or gradient skips that optimizer step on every rank (counted, never applied).
+- A non-finite loss or gradient skips that optimizer step on every rank (counted, never applied); train.py
+  stops the run after `nonfinite_patience` such steps in a row.
 - beta_kl: β·KL(π_old ‖ π_θ) after the update, Proposition 4.1's gap between β·log Z and accuracy: one
   no-grad pass over the fresh samples, every kl_every steps.
 - shared_prefix: every log-prob pass runs each distinct prompt once and its responses from its KV cache
@@ -33,6 +34,7 @@ class Update:
     grad_norms: list  # θ's gradient norm before clipping, per optimizer step
     logp_old: torch.Tensor  # (nG,) log π_old(y|x) of this rank's fresh samples
     skipped: int  # optimizer steps skipped (non-finite loss or gradient, or no samples)
+    nonfinite: int = 0  # of those, the ones skipped for a non-finite loss or gradient
     logz_grad_norms: list = None  # the log Z head's gradient norm, per optimizer step (0 without a head)
     logz_step_norm: float = 0.0  # ‖φ after − φ before‖ over this step's optimizer steps: the size of Adam's moves
 
@@ -65,7 +67,7 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
     G, U = cfg.group_size, cfg.updates_per_batch
     n_rep = replayed["resp"].size(0) if replayed is not None else 0
     gpos = [rank + k * world for k in range(len(fresh["idx"]))]
-    losses, gnorms, znorms, old_parts, skipped = [], [], [], [], 0
+    losses, gnorms, znorms, old_parts, skipped, nonfinite = [], [], [], [], 0, 0
     phi0 = [p.detach().clone() for p in policy.logz.parameters()] if policy.logz is not None else []
     for u in range(U):
         ks = [k for k, p in enumerate(gpos) if u * n_train // U <= p < (u + 1) * n_train // U]
@@ -92,8 +94,9 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
             log(f"warning: step {step}: no samples to train on (dynamic sampling kept too few groups): update skipped")
         elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
             opt.step()
-        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
+        else:  # a NaN or inf loss or gradient: skip this update, count it, go on (train.py stops a run that keeps doing it)
             skipped += 1
+            nonfinite += 1
             log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
         opt.zero_grad(set_to_none=True)
         losses.append(global_loss)
@@ -101,7 +104,7 @@ def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, 
         znorms.append(gnorm_z)
     logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
     moved = float(sum((p.detach() - p0).pow(2).sum() for p, p0 in zip(policy.logz.parameters(), phi0)) ** 0.5) if phi0 else 0.0
-    return Update(losses, gnorms, logp_old, skipped, znorms, moved)
+    return Update(losses, gnorms, logp_old, skipped, nonfinite, znorms, moved)
 
 
 def build_policy(cfg, model_path: str, emb_train, dtype, device, world):

@@ -7,14 +7,17 @@
 - smollm2.py: a real pretrained chat model (SmolLM2-135M-Instruct, from a wheel on the package index)
   and a natural-language arithmetic task with graded difficulty.
 
-train.py builds them on first use when the model or the data points inside `testbed_dir`.
+The testbed is shipped in the repository (testbed/, and testbed/small for the tests), each build with a
+MANIFEST.json of its files' sha256; train.py checks it before a run whose model or data points inside
+`testbed_dir`, and converts the SmolLM2 model and builds a regime's training file on first use.
 """
 
 import os
 
 
 def ensure_for(cfg, log=print):
-    """Build, on first use, each bundled task that cfg's model or data point into (under cfg.testbed_dir)."""
+    """Check the shipped testbed and build, on first use, each derived task that cfg's model or data point into
+    (under cfg.testbed_dir)."""
     from tasks import smollm2, testbed
 
     if not cfg.testbed_dir:
@@ -24,7 +27,8 @@ def ensure_for(cfg, log=print):
     smol = os.path.join(tb, smollm2.SUBDIR)
     if inside(smol):  # the smollm2_arith preset: the model converted from the installed wheel, and its task
         smollm2.ensure(cfg.testbed_dir, log=log)
-    if len(inside(smol)) < len(inside(tb)):  # the testbed
-        testbed.ensure(cfg.testbed_dir, log=log)
+    if len(inside(smol)) < len(inside(tb)):  # the testbed: shipped, never rebuilt behind the user's back
+        if cfg.testbed_check:
+            testbed.check(cfg.testbed_dir)
     if cfg.regime and not os.path.exists(cfg.train_data):
         testbed.make_regime(cfg.testbed_dir, cfg.regime)
