@@ -46,8 +46,9 @@ def run_one(out: str, seed: int, kernel: str) -> dict:
     final = os.path.join(path, "heldout_final.json")
     if not os.path.exists(final):
         shutil.rmtree(path, ignore_errors=True)  # an unfinished run starts over: it takes a minute
-        subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "train.py", f"--seed={seed}", f"--out_dir={path}"],
-                       env={**os.environ, **KERNELS[kernel]}, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        f"--seed={seed}", f"--out_dir={path}"], env={**os.environ, **KERNELS[kernel]}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(path, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     return {"seed": seed, "kernel": kernel, "acc": last["eval_acc"], "corr": last["eval_acc_est_corr"],
