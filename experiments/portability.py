@@ -79,7 +79,7 @@ def main(argv):
         return runs(args, jobs)
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(lambda j: build_one(args.get("out", "runs/warmstart"), *j), jobs))
-    print("| seed | kernels | warm-start steps | validation exact acc | held-out exact acc | digest |\n|---|---|---|---|---|---|")
+    print("| seed | kernels | warm-start steps | validation answer prob | held-out exact acc | digest |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['seed']} | {r['kernel']} | {r['steps']} | {r['val_acc']:.4f} | {r['heldout_acc']:.4f} | {r['digest']} |")
     held = [r["heldout_acc"] for r in rows]

@@ -17,7 +17,7 @@ No weights or data can be downloaded in CI or in a classroom, so the project mak
 The built testbed ships in the repository (testbed/, and testbed/small for the tests), each with a
 MANIFEST.json (recipe, where the warm start stopped, sha256 of every file); `check` is what a run calls.
 Rebuild from scratch with `python -m tasks.testbed --out=DIR [--seed=N --sft_target=...]` (the small one:
-`--out=testbed/small --n_train=400 --n_heldout=64 --sft_target=0.05`); a run refuses a build whose digest is
+`--out=testbed/small --n_train=400 --n_heldout=64 --sft_target=0.05 --sft_approach=0`); a run refuses a build whose digest is
 not in SHIPPED unless `--testbed_check=false`.
 `python -m tasks.testbed --regimes` prints each difficulty regime's share of all-equal groups at the warm start.
 """
@@ -53,6 +53,8 @@ class TestbedConfig:
     sft_target: float = 0.5  # the warm start stops at the first check whose validation accuracy (answer_prob) reaches this
     sft_lr: float = 1e-3  # AdamW learning rate of the warm start, constant after a linear warm-up
     sft_warmup: int = 60  # warm-up steps of that learning rate
+    sft_approach: float = 0.1  # once validation accuracy is within this of sft_target, the learning rate drops ...
+    sft_approach_lr: float = 0.25  # ... to sft_lr × this, so one check's progress (the overshoot) stays small
     sft_batch: int = 128  # sequences per warm-start step
     sft_eval_every: int = 5  # steps between validation checks (each one teacher-forced pass over the validation sums)
     sft_max_steps: int = 4000  # a warm start that has not reached sft_target by then fails the build
@@ -177,11 +179,13 @@ def sft(model, tokenizer, cfg: TestbedConfig, val: list, log=print) -> dict:
     Why a stop by accuracy and not a fixed step count: the task is learned in a jump, and where a run of fixed
     length stops relative to that jump is decided by float rounding (the same 600-step recipe landed at held-out
     0.17 under one CPU's kernels and 0.46 under another's). Stopped at a validation accuracy, every build lands
-    at that accuracy up to one check's progress, whichever kernels computed it. Returns {'steps', 'val_acc'}."""
+    at that accuracy up to one check's progress, whichever kernels computed it; near the target the learning rate
+    drops (sft_approach) so that one check's progress is small. Returns {'steps', 'val_acc'}."""
     rng = random.Random(cfg.seed + 1)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.sft_warmup))
+    approach = [1.0]  # the learning rate's factor: drops once, near the target
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.sft_warmup) * approach[0])
     bar = tqdm(range(1, cfg.sft_max_steps + 1), desc="testbed warm start", disable=log is None)
     val_acc = 0.0
     for step in bar:
@@ -200,6 +204,8 @@ def sft(model, tokenizer, cfg: TestbedConfig, val: list, log=print) -> dict:
             if val_acc >= cfg.sft_target:
                 model.eval()
                 return {"steps": step, "val_acc": round(val_acc, 4)}
+            if val_acc >= cfg.sft_target - cfg.sft_approach:
+                approach[0] = cfg.sft_approach_lr
     raise RuntimeError(f"testbed: the warm start did not reach validation accuracy {cfg.sft_target} in "
                        f"sft_max_steps={cfg.sft_max_steps} steps (last check: {val_acc:.3f}); raise sft_max_steps or sft_lr")
 
