@@ -21,8 +21,10 @@ not sampling luck.
 
 import dataclasses
 import json
+import math
 import os
 import sys
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -38,13 +40,13 @@ from rollout import rollout, seed_of
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021):
-    1 − C(n−c, k)/C(n, k), computed as a product so that large n does not overflow."""
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 − C(n−c, k)/C(n, k),
+    in exact integer arithmetic and rounded once, so pass@1 is c/n to the last bit."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass_at_k: need 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
 
 
 def pass_at_ks(n: int, correct) -> dict:
