@@ -1310,7 +1310,7 @@ def test_nan_loss_skips_the_update_and_training_goes_on(small_testbed, tmp_path,
 
 def test_a_run_that_keeps_failing_stops_and_keeps_its_last_good_checkpoint(small_testbed, tmp_path, monkeypatch):
     """From the third step on every loss is NaN: those updates are skipped, and after nonfinite_patience = 3 of
-    them in a row the run stops with one message; the step-2 checkpoint stays the newest and resumes. Weights
+    them in a row the run stops with one message; the checkpoints hold only good weights, and the run resumes. Weights
     that turn non-finite are never written: the run stops at the next checkpoint, which it does not write."""
     real, calls = tb_loss.paced_tb_loss, [0]
 
@@ -1324,11 +1324,16 @@ def test_a_run_that_keeps_failing_stops_and_keeps_its_last_good_checkpoint(small
             f"stopping at step 4: 3 steps in a row had a non-finite loss or gradient (each update skipped, the weights "
             f"unchanged); the newest checkpoint in {out} is intact")):
         train.main(run_args(small_testbed, out, max_steps=10, ckpt_every=2, replay="off"))
-    assert [os.path.basename(d) for d in checkpoint.ckpt_dirs(out)] == ["ckpt_000002"]
-    assert [r["skipped_updates"] for r in train_rows(out).values()] == [0, 0, 1, 2, 3]
+    # the step-4 checkpoint came after two skipped updates: the same weights as step 2's, written before the stop
+    assert checkpoint.ckpt_dirs(out) == ["ckpt_000002", "ckpt_000004"]
+    from safetensors.torch import load_file
+
+    w2, w4 = (load_file(os.path.join(out, c, "model", "model.safetensors")) for c in ("ckpt_000002", "ckpt_000004"))
+    assert w2.keys() == w4.keys() and all(torch.equal(w2[k], w4[k]) for k in w2)
+    assert [r["skipped_updates"] for r in train_rows(out).values()] == [0, 0, 1, 2]  # step 4 stopped before its row
     monkeypatch.setattr(tb_loss, "paced_tb_loss", real)
-    train.main([f"--resume={out}", "--max_steps=3"])
-    assert [os.path.basename(d) for d in checkpoint.ckpt_dirs(out)] == ["ckpt_000002", "ckpt_000003"]
+    train.main([f"--resume={out}", "--max_steps=5"])
+    assert checkpoint.ckpt_dirs(out) == ["ckpt_000004", "ckpt_000005"]
 
     real_steps = train.optimizer_steps
 
