@@ -24,7 +24,7 @@ METHODS = {  # name: (what it is, its config fields)
     # the investigation of why PACED-RL does not win on the testbed: one switch each
     "paced_pool256": ("a pool of 256 candidates, a quarter of the slots explored",
                       {"algo": "paced", "pool_size": 256, "explore_frac": 0.25}),
-    "paced_greedy": ("the paper's pure greedy rule: no exploration slots (the default since 2026-12-02)", {"algo": "paced", "explore_frac": 0.0}),
+    "paced_greedy": ("the paper's pure greedy rule: no exploration slots (the default)", {"algo": "paced", "explore_frac": 0.0}),
     "paced_explore": ("half of the B slots drawn uniformly from the rest of the pool (the default before 2026-12-02)",
                       {"algo": "paced", "explore_frac": 0.5}),
     "paced_one_lr": ("Z_φ's layers at one Adam lr whatever their width (the default before 2026-12-02)",

@@ -215,7 +215,7 @@ def test_logz_head_recovers_from_zero_rewards_at_a_real_models_width():
         seen, p, a = train_logz_alone(576, cfg.logz_lr, cfg.logz_lr_fan_in, seed=seed)
         assert all(paced_rl.saturation_warning(s, t) is None for t, s in enumerate(seen)), seed
         assert np.corrcoef(p, a)[0, 1] > 0.8 and np.abs(p - a).mean() < 0.15, (seed, np.corrcoef(p, a)[0, 1], np.abs(p - a).mean())
-    seen, p, a = train_logz_alone(576, 1e-2, 0)  # the old head: every layer at 1e-2
+    seen, p, a = train_logz_alone(576, 1e-2, 0)  # without the per-layer rule: every layer at 1e-2
     assert np.corrcoef(p, a)[0, 1] < 0.7 and np.abs(p - a).mean() > 0.2
     assert paced_rl.saturation_warning(seen[-1], 39) is not None
 

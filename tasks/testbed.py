@@ -17,8 +17,8 @@ No weights or data can be downloaded in CI or in a classroom, so the project mak
 The built testbed ships in the repository (testbed/, and testbed/small for the tests), each with a
 MANIFEST.json (recipe, where the warm start stopped, sha256 of every file); `check` is what a run calls.
 Rebuild from scratch with `python -m tasks.testbed --out=DIR [--seed=N --sft_target=...]` (the small one:
-`--out=testbed/small --n_train=400 --n_heldout=64 --sft_target=0.05 --sft_approach=0`); a run refuses a build whose digest is
-not in SHIPPED unless `--testbed_check=false`.
+`--out=testbed/small --n_train=400 --n_heldout=64 --sft_target=0.05 --sft_approach=0`); a run refuses a build
+whose digest is not in SHIPPED unless `--testbed_check=false`.
 `python -m tasks.testbed --regimes` prints each difficulty regime's share of all-equal groups at the warm start.
 """
 
