@@ -2,7 +2,7 @@
 
 - save_checkpoint writes <out_dir>/ckpt_NNNNNN atomically (a temporary directory, then one rename):
   the HF weights and tokenizer, and state.pt with Z_φ, the optimizer, the step and rollout counters,
-  the prompt pool's position, the replay buffer, every RNG state and the resolved config.
+  the selector's state (the prompt pool's position), the replay buffer, every RNG state and the config.
 - manifest.json records each file's size and sha256; newest_good_checkpoint skips (and names) a
   damaged checkpoint and falls back to the one before.
 - load_state refuses a state.pt of a format this code does not know, with the reason.
@@ -24,8 +24,8 @@ import torch
 
 from config import Config
 
-# state.pt's layout. 1: the layout since resume was introduced (no "format" key in those files).
-STATE_FORMAT = 1
+# state.pt's layout, raised whenever it changes. 2: the selector's state (its candidate pool included) under "selector".
+STATE_FORMAT = 2
 
 
 def ckpt_dirs(out_dir):
@@ -70,10 +70,11 @@ def set_torch_rng_state(st, device):
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def save_checkpoint(cfg, policy, tokenizer, opt, state: dict, rank):
+def save_checkpoint(cfg, model, tokenizer, state: dict, rank):
     """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept.
     manifest.json records each file's size and sha256, so a damaged file is found and named."""
-    model_sd, opt_sd = full_state(policy, opt, cfg)
+    policy = model.policy
+    model_sd, opt_sd = full_state(policy, model.opt, cfg)
     if rank != 0:
         return
     final = os.path.join(cfg.out_dir, f"ckpt_{state['step']:06d}")
@@ -157,7 +158,7 @@ def load_state(ckpt: str) -> dict:
     if fmt != STATE_FORMAT:
         raise SystemExit(f"resume: {ckpt}/state.pt has format {fmt}; this code reads format {STATE_FORMAT}. "
                          f"Resume it with the version of the code that wrote it.")
-    missing = {"step", "rollouts", "skipped_updates", "pool", "replay", "replay_rng", "opt", "logz"} - set(st)
+    missing = {"step", "rollouts", "skipped_updates", "selector", "replay", "replay_rng", "opt", "logz"} - set(st)
     if missing:
         raise SystemExit(f"resume: {ckpt}/state.pt lacks {sorted(missing)}: not a checkpoint of this code")
     return st
@@ -178,6 +179,13 @@ class StopSignal:
     def restore(self):
         for sig, h in self.old.items():
             signal.signal(sig, h)
+
+
+def write_json(path: str, obj):
+    """A JSON file written atomically (a temporary file, then one rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def append_metrics(path: str, row: dict):

@@ -1,5 +1,5 @@
 """Prompt data: loading (local json / jsonl / parquet, or a hub data set), row checks, encoding through
-the chat template (with an optional worked example as an earlier exchange), the prompt-length cap, and the frozen prompt embeddings e(x) that Z_φ reads.
+the chat template (with an optional worked example as an earlier exchange), the prompt-length cap.
 
 Every bad row stops the run with an error naming the file, the row and what is wrong; prompts over
 max_prompt_tokens are skipped and counted. The held-out file is evaluated, never trained on.
@@ -8,12 +8,25 @@ max_prompt_tokens are skipped and counted. The held-out file is evaluated, never
 import json
 import os
 import re
+from dataclasses import dataclass
 
-import torch
-
-import paced_rl
 import verify
-from distributed import gather
+
+
+@dataclass
+class Split:
+    """One split's prompts, in file order."""
+    toks: list  # token ids of each prompt, chat template and suffix applied
+    answers: list  # its reference answer, as the verifier takes it
+
+
+@dataclass
+class Prompts:
+    """Everything a run knows of its task: the tokenizer, the verifier, the training and held-out prompts."""
+    tokenizer: object
+    verifier: object  # verify.VERIFIERS[cfg.verifier]
+    train: Split
+    heldout: Split
 
 
 def load_tokenizer(path: str):
@@ -29,8 +42,9 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_data(cfg, tokenizer, log):
-    """(train_rows, train_toks, eval_rows, eval_toks): both files loaded, checked, encoded, length-capped."""
+def load_data(cfg, log) -> Prompts:
+    """The tokenizer, the verifier, and both files loaded, checked, encoded and length-capped."""
+    tokenizer = load_tokenizer(cfg.model)
     train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
     eval_rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
                              cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
@@ -42,7 +56,8 @@ def load_data(cfg, tokenizer, log):
                                        cfg.max_prompt_tokens, cfg.train_data, log)
     eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix, shot),
                                      cfg.max_prompt_tokens, cfg.eval_data, log)
-    return train_rows, train_toks, eval_rows, eval_toks
+    return Prompts(tokenizer, verify.get_verifier(cfg.verifier), Split(train_toks, [r["answer"] for r in train_rows]),
+                   Split(eval_toks, [r["answer"] for r in eval_rows]))
 
 
 def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed") -> list:
@@ -128,27 +143,3 @@ def drop_long(rows, toks, cap, name, log):
         log(f"{name}: skipped {len(rows) - len(keep)} of {len(rows)} prompts longer than max_prompt_tokens={cap}")
     return [rows[i] for i in keep], [toks[i] for i in keep]
 
-
-def prompt_embedding_cache(cfg, pad_id, train_toks, eval_toks, dtype, device, rank, world):
-    """e(x) for the training and held-out prompts, from the initial model: computed once (sharded over
-    ranks, gathered), cached in <out_dir>/prompt_emb.pt with a key of everything that determines it."""
-    from transformers import AutoModelForCausalLM
-
-    path = os.path.join(cfg.out_dir, "prompt_emb.pt")
-    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data,
-           "n_train": len(train_toks), "n_eval": len(eval_toks)}
-    emb = torch.load(path) if os.path.exists(path) else None
-    if emb is None or emb.get("key") != key:
-        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
-        all_toks = train_toks + eval_toks
-        mine = list(range(rank, len(all_toks), world))
-        part = paced_rl.prompt_embeddings(base, [all_toks[i] for i in mine], pad_id, cfg.eval_batch, device, cfg.logz_features)
-        parts = [(i, e) for i, e in gather((mine, part), world) if len(i)]
-        emb_all = torch.zeros(len(all_toks), parts[0][1].size(1))
-        for i, e in parts:
-            emb_all[i] = e
-        emb = {"key": key, "train": emb_all[:len(train_toks)], "eval": emb_all[len(train_toks):]}
-        if rank == 0:
-            torch.save(emb, path + ".tmp")
-            os.replace(path + ".tmp", path)
-    return emb["train"], emb["eval"]

@@ -14,13 +14,26 @@
 import datetime
 import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 
-def setup_distributed(cfg):
-    """(rank, world, device). torchrun sets WORLD_SIZE; otherwise one process."""
+@dataclass
+class Ranks:
+    """This process's place in the job."""
+    rank: int
+    world: int
+    device: torch.device
+
+    def log(self, *a):
+        """print on rank 0 only."""
+        print0(*a, rank=self.rank)
+
+
+def setup_distributed(cfg) -> Ranks:
+    """This process's rank, the world size and its device. torchrun sets WORLD_SIZE; otherwise one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device
@@ -47,15 +60,15 @@ def setup_distributed(cfg):
             dist.init_process_group("nccl", timeout=timeout, device_id=device)
         else:
             dist.init_process_group("gloo", timeout=timeout)
-    return rank, world, device
+    return Ranks(rank, world, device)
 
 
 def bf16_pays(device, cpu_flags: str = None) -> tuple:
     """(whether bf16 compute is faster than fp32 here, why): the rule behind dtype=auto. A CUDA GPU with
     bf16 units (compute capability 8.0 on, Ampere and later); a CPU with native bf16 instructions
-    (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo: on this project's 2-core CPU a bf16 matmul runs at
-    334 GFLOP/s against 75 in fp32, RESULTS.md). Without them PyTorch emulates bf16 on the CPU, slower
-    than fp32 (its CPU autocast documentation), and MPS is left at fp32."""
+    (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo), where a bf16 matmul runs several times faster than fp32.
+    Without them PyTorch emulates bf16 on the CPU, slower than fp32 (its CPU autocast documentation), and
+    MPS is left at fp32."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return major >= 8, f"CUDA compute capability {major}.{minor}" + ("" if major >= 8 else " (< 8.0: no bf16 units)")

@@ -33,9 +33,9 @@ import config
 import paced_rl
 import verify
 from checkpoint import ckpt_dirs
-from data import encode_prompts, load_prompts
-from distributed import gather, print0, setup_distributed, teardown
-from metrics import calibration, pearson
+from data import Prompts, Split, encode_prompts, load_prompts, load_tokenizer
+from distributed import gather, setup_distributed, teardown
+from metrics import calibration
 from rollout import rollout, seed_of
 
 
@@ -101,68 +101,101 @@ class Sampled:
     formatted: np.ndarray = None  # share of samples with a parseable final answer (verifiers with a format check)
 
 
+@dataclasses.dataclass
+class Heldout:
+    """One evaluation: the metrics row's entries, and the per-prompt values behind them."""
+    row: dict  # eval_acc, eval_pass_at_k, ...
+    per_prompt: dict  # {"samples": n, "acc": [...], "p_hat": [...] or None}; a probe may add its own
+
+
 @torch.no_grad()
-def sampled_accuracy(lm, tokenizer, toks, answers, fn, cfg, device, rank, world, n_samples, temperature) -> Sampled:
-    """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample), for every
-    prompt in `toks`, in order, with the distinct correct responses and (where the verifier has a format
-    check, `fn.has_answer`) the share of well-formed ones; the work is sharded over ranks and gathered."""
+def sampled_accuracy(lm, prompts, split, cfg, ranks, n_samples: int, temperature: float) -> Sampled:
+    """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample) of every prompt of `split`,
+    in order, with the distinct correct responses and (where the verifier has a format check, `has_answer`) the
+    share of well-formed ones; the work is sharded over ranks and gathered."""
     n = 1 if temperature == 0 else n_samples
-    sub = dataclasses.replace(cfg, group_size=n)
+    fn, toks = prompts.verifier, split.toks
     has_answer = getattr(fn, "has_answer", None)
-    mine = list(range(rank, len(toks), world))
+    mine = list(range(ranks.rank, len(toks), ranks.world))
     n_mine = len(mine)
-    mine += [mine[0] if mine else 0] * (-(-len(toks) // world) - n_mine)  # equal shards: a sharded model needs lockstep
+    mine += [mine[0] if mine else 0] * (-(-len(toks) // ranks.world) - n_mine)  # equal shards: a sharded model needs lockstep
     recs = []
     for i in range(0, len(mine), cfg.eval_batch):
         idx = mine[i:i + cfg.eval_batch]
         seeds = [seed_of(cfg.seed, 1, j) for j in idx]
-        texts = rollout(lm, tokenizer, [toks[j] for j in idx], seeds, sub, device, temperature)[-1]
+        texts = rollout(lm, prompts.tokenizer, [toks[j] for j in idx], seeds, cfg, n, temperature)[1]
         for k, j in enumerate(idx):
             if i + k >= n_mine:
                 break  # padding of this rank's shard: not scored
             mine_texts = texts[k * n:(k + 1) * n]
-            r, _ = verify.score(fn, mine_texts, [answers[j]] * n, cfg.verifier_workers)
+            r, _ = verify.score(fn, mine_texts, [split.answers[j]] * n, cfg.verifier_workers)
             fmt = sum(map(has_answer, mine_texts)) / n if has_answer else 0.0
             recs.append((j, sum(r) / n, distinct_correct(mine_texts, r), fmt))
-    recs = sorted(sum(gather(recs, world), []))
+    recs = sorted(sum(gather(recs, ranks.world), []))
     col = lambda c: np.array([rec[c] for rec in recs])  # noqa: E731
     return Sampled(col(1), col(2), col(3) if has_answer else None)
 
 
-def heldout_metrics(policy, tokenizer, toks, answers, verifier, emb, cfg, device, rank, world, final_path=None,
-                    exact_fn=None) -> dict:
-    """Held-out accuracy over eval_samples samples per prompt, pass@k, and (PACED-RL, emb = e(x) of the
-    held-out prompts) the calibration of p̂. exact_fn() -> (exact accuracies, pruned mass) on the testbed:
-    their mean, its error bound, and p̂'s correlation with them. final_path: also write the per-prompt values there (JSON,
-    atomically), which experiments/compare.py plots."""
+def heldout_metrics(lm, prompts, p_hat, cfg, ranks) -> Heldout:
+    """Held-out accuracy over eval_samples samples per prompt, pass@k, the greedy accuracy (eval_greedy), and
+    where the objective has an accuracy estimate (p_hat: p̂ of every held-out prompt, else None) its calibration."""
     n = cfg.eval_samples
-    res = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, n, cfg.temperature)
+    res = sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, n, cfg.temperature)
     acc = res.acc
     out = {"eval_acc": float(acc.mean()), "eval_pass_at_k": {str(k): v for k, v in pass_at_ks(n, np.rint(acc * n)).items()}}
     if res.formatted is not None:
         out["eval_format_rate"] = float(res.formatted.mean())
     if cfg.eval_greedy:
-        greedy = sampled_accuracy(policy.lm, tokenizer, toks, answers, verifier, cfg, device, rank, world, 1, 0.0)
-        out["eval_acc_greedy"] = float(greedy.acc.mean())
-    p_hat = None
-    if emb is not None:
-        with torch.no_grad():
-            p_hat = policy.logz.p_hat(emb.to(device)).cpu().numpy()
+        out["eval_acc_greedy"] = float(sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, 1, 0.0).acc.mean())
+    if p_hat is not None:
         out.update({"eval_" + k: v for k, v in calibration(p_hat, acc).items()})
-    exact, gap = exact_fn() if exact_fn is not None else (None, None)
-    if exact is not None:  # the exact accuracy lies in [eval_acc_exact, eval_acc_exact + eval_acc_exact_gap]
-        out.update({"eval_acc_exact": float(exact.mean()), "eval_acc_exact_gap": float(gap.mean())})
-        out["eval_acc_est_corr_exact"] = pearson(p_hat, exact) if p_hat is not None else None
-    if final_path and rank == 0:
-        with open(final_path + ".tmp", "w") as f:
-            json.dump({"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist(),
-                       "acc_exact": None if exact is None else exact.tolist()}, f)
-        os.replace(final_path + ".tmp", final_path)
-    return out
+    return Heldout(out, {"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()})
+
+
+def model_row(name: str, path: str, state: str, cfg, rows: list, ranks) -> dict:
+    """One row of eval.py's table: the model at `path` on the held-out rows; with a checkpoint's state.pt whose head is
+    a LogZHead, also p̂'s calibration (e(x) from the initial model, as in training) and a reliability plot beside it."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path)
+    split = Split(encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix, (cfg.shot_prompt, cfg.shot_response)),
+                  [r["answer"] for r in rows])
+    prompts = Prompts(tok, verify.get_verifier(cfg.verifier), split, split)
+    lm = AutoModelForCausalLM.from_pretrained(path).to(ranks.device).eval()
+    res = sampled_accuracy(lm, prompts, split, cfg, ranks, cfg.eval_samples, cfg.temperature)
+    acc = res.acc
+    greedy = sampled_accuracy(lm, prompts, split, cfg, ranks, 1, 0.0).acc
+    row = {"model": name, "sampled": float(acc.mean()), "greedy": float(greedy.mean()),
+           "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()), "distinct": float(res.distinct.mean()),
+           "pass_at_k": pass_at_ks(cfg.eval_samples, np.rint(acc * cfg.eval_samples))}
+    st = torch.load(state, weights_only=False) if state else {}
+    if st.get("logz") is not None and "mu" in st["logz"]:  # a LogZHead: p̂ is an accuracy estimate
+        base = AutoModelForCausalLM.from_pretrained(cfg.model).to(ranks.device).eval()
+        emb = paced_rl.prompt_embeddings(base, split.toks, tok.pad_token_id, cfg.eval_batch, ranks.device, cfg.logz_features)
+        head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
+        head.load_state_dict(st["logz"])
+        with torch.no_grad():
+            p_hat = head.p_hat(emb).numpy()
+        row.update(calibration(p_hat, acc))
+        if ranks.rank == 0:
+            plot_reliability({name: (p_hat, acc)}, os.path.join(os.path.dirname(os.path.dirname(state)), "reliability.png"))
+    return row
+
+
+def print_table(table: list, log):
+    ks = list(table[0]["pass_at_k"])
+    log("| model | sampled acc | greedy acc | " + " | ".join(f"pass@{k}" for k in ks)
+        + " | distinct correct / prompt | prompts with 0.1<acc<0.9 | p̂ corr | mean abs(p̂−a) |")
+    log("|---" * (7 + len(ks)) + "|")
+    for r in table:
+        c, e = r.get("acc_est_corr"), r.get("acc_est_abs_err")
+        log(f"| {r['model']} | {r['sampled']:.3f} | {r['greedy']:.3f} | "
+            + " | ".join(f"{r['pass_at_k'][k]:.3f}" for k in ks)
+            + f" | {r['distinct']:.2f} | {r['mid_frac']:.2f} | {'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
 
 
 def main(argv):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import tasks  # the presets
 
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     run, model = args.pop("run", None), args.pop("model", None)
@@ -173,58 +206,19 @@ def main(argv):
     if run:
         with open(os.path.join(run, "config.json")) as f:
             base = {k: v for k, v in json.load(f).items() if k in {x.name for x in dataclasses.fields(config.Config)}}
-    overrides = config.parse_args([f"--{k}={v}" for k, v in args.items()])
-    cfg = config.make_config({**base, **overrides})
-    rank, world, device = setup_distributed(cfg)
-    log = lambda *a: print0(*a, rank=rank)  # noqa: E731
-    rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
-                              cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
-    fn = verify.get_verifier(cfg.verifier)
-    targets = []  # (name, model dir, state.pt or None)
+    cfg = config.make_config({**base, **config.parse_args([f"--{k}={v}" for k, v in args.items()])}, tasks.PRESETS)
+    ranks = setup_distributed(cfg)
+    rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field, cfg.eval_answer_field or cfg.answer_field,
+                        cfg.verifier)
+    targets = [(model, model, None)]  # (name, model dir, state.pt or None)
     if run:
         ck = ckpt_dirs(run)
-        targets.append(("initial", cfg.model, None))
-        if ck:
-            targets.append((ck[-1], os.path.join(run, ck[-1], "model"), os.path.join(run, ck[-1], "state.pt")))
-    else:
-        targets.append((model, model, None))
-    table = []
-    for name, path, state in targets:
-        tok = AutoTokenizer.from_pretrained(path)
-        tok.padding_side = "left"
-        toks = encode_prompts(tok, rows, lambda *a: None, cfg.prompt_suffix, (cfg.shot_prompt, cfg.shot_response))
-        lm = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-        answers = [r["answer"] for r in rows]
-        res = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, cfg.eval_samples, cfg.temperature)
-        acc, distinct = res.acc, res.distinct
-        greedy = sampled_accuracy(lm, tok, toks, answers, fn, cfg, device, rank, world, 1, 0.0).acc
-        row = {"model": name, "sampled": float(acc.mean()), "greedy": float(greedy.mean()),
-               "mid_frac": float(((acc > 0.1) & (acc < 0.9)).mean()), "distinct": float(distinct.mean()),
-               "pass_at_k": pass_at_ks(cfg.eval_samples, np.rint(acc * cfg.eval_samples))}
-        if state and cfg.algo == "paced":  # calibration of p̂ on these prompts: e(x) from the initial model, as in training
-            st = torch.load(state, weights_only=False)
-            base = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
-            emb = paced_rl.prompt_embeddings(base, toks, tok.pad_token_id, cfg.eval_batch, device, cfg.logz_features)
-            del base
-            head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
-            head.load_state_dict(st["logz"])
-            with torch.no_grad():
-                p_hat = head.p_hat(emb).numpy()
-            row.update(calibration(p_hat, acc))
-            if rank == 0:
-                plot_reliability({name: (p_hat, acc)}, os.path.join(run, "reliability.png"))
-        table.append(row)
-    log(f"held-out: {cfg.eval_data} ({len(rows)} prompts, {cfg.eval_samples} samples at T={cfg.temperature}, greedy)")
-    ks = list(table[0]["pass_at_k"])
-    log("| model | sampled acc | greedy acc | " + " | ".join(f"pass@{k}" for k in ks)
-        + " | distinct correct / prompt | prompts with 0.1<acc<0.9 | p̂ corr | mean abs(p̂−a) |")
-    log("|---" * (7 + len(ks)) + "|")
-    for r in table:
-        c, e = r.get("acc_est_corr"), r.get("acc_est_abs_err")
-        log(f"| {r['model']} | {r['sampled']:.3f} | {r['greedy']:.3f} | "
-            + " | ".join(f"{r['pass_at_k'][k]:.3f}" for k in ks)
-            + f" | {r['distinct']:.2f} | {r['mid_frac']:.2f} | {'' if c is None else f'{c:.2f}'} | {'' if e is None else f'{e:.3f}'} |")
-    teardown(world)
+        targets = [("initial", cfg.model, None)] + [(c, os.path.join(run, c, "model"), os.path.join(run, c, "state.pt"))
+                                                    for c in ck[-1:]]
+    table = [model_row(name, path, state, cfg, rows, ranks) for name, path, state in targets]
+    ranks.log(f"held-out: {cfg.eval_data} ({len(rows)} prompts, {cfg.eval_samples} samples at T={cfg.temperature}, greedy)")
+    print_table(table, ranks.log)
+    teardown(ranks.world)
     return table
 
 

@@ -2,33 +2,27 @@
 
     p̂(x) = β · log Z_φ(e(x))        (Proposition 4.1: ≈ accuracy of π_old on x; tb_loss.py)
 
-- `LogZHead`: a 3-layer MLP over a frozen prompt embedding e(x). The embedding is the mean of the
-  *initial* model's last hidden states over the prompt tokens, computed once (`prompt_embeddings`),
-  so every prompt in the data set is scored without a forward pass of the LLM (paper §4).
-  Our choices where the paper is silent: width `logz_hidden`, features standardized with the
-  training set's mean/std, the MLP's output read in accuracy units (log Z = output/β), its output
-  layer zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections
-  are effectively uniform. `LogZHead.p_hat` gives p̂ directly, `forward` gives log Z = p̂/β for the loss;
-  `param_groups` gives each layer an Adam rate scaled by its fan-in, so a wide real-model embedding does not
-  make one step saturate p̂ (RESULTS.md, "Why Z_φ dies on SmolLM2").
-- `PooledLogZHead`: FlowRL's head (a baseline), over the policy's own mean-pooled prompt states.
+- `LogZHead`: a 3-layer MLP over a frozen prompt embedding e(x), so every prompt of the data set is
+  scored without a forward pass of the LLM (paper §4). Our choices where the paper is silent: width
+  `logz_hidden`, features standardized with the training set's mean/std, the MLP's output read in
+  accuracy units (log Z = output/β), its output layer zero-initialized with bias p0, so p̂ starts at p0
+  for every prompt and the first selections are effectively uniform. `param_groups` gives each layer an
+  Adam rate scaled by its fan-in, so a wide real-model embedding does not let one step saturate p̂.
+- `prompt_embeddings` / `frozen_embeddings`: e(x), the mean of the *initial* model's last hidden states
+  over the prompt tokens, computed once per run (sharded over ranks) and cached in the run directory.
 - `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
   `policy.parameters()` synchronizes both.
-- `generate`: batched sampling of G responses per prompt with a KV cache, left padding, temperature,
-  a length cap and stop at EOS. Each prompt draws its noise from its own generator seeded by
-  (seed, step, prompt id), so a prompt's samples do not depend on the rank or batch it lands in.
-- `amp`: mixed precision for `dtype=bfloat16` (bf16 matmuls, fp32 weights and log-probs; Z_φ stays fp32).
-- `position_ids`, `left_pad`, `right_pad`, `response_mask`: the padding conventions every pass shares
-  (prompts left-padded, responses right-padded; the mask keeps the first EOS). The log-probs of the
-  responses are `logprobs.py`'s.
 """
 
-import inspect
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from distributed import gather
+from lm import left_pad, position_ids
 
 
 class LogZHead(nn.Module):
@@ -84,9 +78,9 @@ class LogZHead(nn.Module):
 
 
 def saturation_warning(p_hat, step: int, eps: float = 1e-3):
-    """A warning when p̂ = β·log Z_φ sits within eps of 0 (or of 1) on every prompt given: a sigmoid head
-    there has a vanishing gradient and may never recover, and choosing "nearest τ" among equal values
-    is blind (seen on SmolLM2, RESULTS.md). None otherwise."""
+    """A warning when p̂ = β·log Z_φ sits within eps of 0 (or of 1) on every prompt given, else None. There a
+    sigmoid head's gradient, ∝ p̂(1 − p̂), vanishes, so it may never recover, and "nearest τ" among equal
+    values is a blind choice."""
     p = np.asarray(p_hat, dtype=float)
     if p.size == 0 or not np.isfinite(p).all():
         return None
@@ -94,126 +88,17 @@ def saturation_warning(p_hat, step: int, eps: float = 1e-3):
     if edge is None:
         return None
     return (f"warning: step {step}: β·log Z_φ is {edge} (within {eps:g}) on every selected prompt: the accuracy estimate is "
-            f"saturated and the selection blind; try a smaller --logz_lr (RESULTS.md: Z_φ on SmolLM2)")
-
-
-class PooledLogZHead(nn.Module):
-    """FlowRL's log Z head (a baseline, as its authors' code builds it): over the *policy's own* mean-pooled prompt
-    hidden states, gradients flowing into the LM; [Linear(H, H), GELU, LayerNorm, Dropout] × 2, then
-    Linear(H, 1). Its output is log Z in the units of FlowRL's residual, not an accuracy estimate."""
-
-    def __init__(self, dim: int, dropout: float = 0.1):
-        super().__init__()
-        block = lambda: [nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Dropout(dropout)]  # noqa: E731
-        self.net = nn.Sequential(*block(), *block(), nn.Linear(dim, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, H) -> (N,)
-        return self.net(h.float()).squeeze(-1)
+            f"saturated and the selection blind; try a smaller --logz_lr")
 
 
 class Policy(nn.Module):
-    """The trainable pair (π_θ, Z_φ); the LM stays a plain HF model for save_pretrained.
-    logz is a LogZHead (PACED-RL), a PooledLogZHead (FlowRL) or None (GRPO has no partition function)."""
+    """The trainable pair (π_θ, log Z head); the LM stays a plain HF model for save_pretrained. logz: the
+    objective's head (Z_φ for PACED-RL), or None for an objective without one."""
 
-    def __init__(self, lm: nn.Module, logz: LogZHead):
+    def __init__(self, lm: nn.Module, logz: nn.Module = None):
         super().__init__()
         self.lm = lm
         self.logz = logz
-
-
-def amp(device, enabled: bool):
-    """Mixed precision (`dtype=bfloat16`): the LM's matmuls in bf16 under autocast while its weights, gradients
-    and AdamW state stay fp32, so a step of lr 1e-6 is not rounded away; log-softmax, log-probs, losses and
-    Z_φ stay fp32. enabled=False is a no-op."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding: the first real token is position 0. (N, T) -> (N, T)"""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_mask(resp: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after it. (N, R) -> (N, R)"""
-    is_eos = (resp == eos_id).long()
-    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
-    return (eos_before == 0).long()
-
-
-def left_pad(seqs: list, pad_id: int, device=None):
-    """Token-id lists -> (ids, mask), both (N, T), padded on the left."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def right_pad(seqs: list, pad_id: int, device=None):
-    """Token-id lists -> (ids, mask), both (N, T), padded on the right (responses)."""
-    ids, mask = left_pad([list(s)[::-1] for s in seqs], pad_id, device)
-    return ids.flip(1), mask.flip(1)
-
-
-def last_logits_only(lm) -> dict:
-    """The forward's keyword that computes the logits of the last position only (a prefill needs no others;
-    with a 150k vocabulary the rest are large), where the model takes it."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
-
-
-def make_generators(seeds: list, device) -> list:
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(int(s))
-        gens.append(g)
-    return gens
-
-
-@torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, group_size: int, gens: list, max_new_tokens: int,
-             temperature: float, eos_id: int, pad_id: int, stop_early: bool = True) -> torch.Tensor:
-    """Sample `group_size` responses for each of the B prompts.
-
-    prompt_ids, prompt_mask: (B, P) left-padded. gens: B torch.Generators (one per prompt).
-    Returns response ids (B*G, R), row b*G+g the g-th sample of prompt b; after EOS, pad_id.
-    temperature == 0 means greedy. Sampling uses the Gumbel-max trick with per-prompt noise.
-    stop_early=False runs all max_new_tokens steps even when every row has ended: a sharded (FSDP)
-    model runs collectives in every forward, so all ranks must make the same number of calls.
-    """
-    B, G = prompt_ids.size(0), group_size
-    pos = position_ids(prompt_mask)
-    # each prompt's prefill once, shared by its G responses; only the last position's logits (large vocabularies)
-    out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, **last_logits_only(lm))
-    cache, logits = out.past_key_values, out.logits[:, -1].float().repeat_interleave(G, 0)  # (B*G, V)
-    cache.batch_repeat_interleave(G)
-    mask = prompt_mask.repeat_interleave(G, 0)
-    next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
-    done = torch.zeros(B * G, dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            u = torch.empty((B, G, logits.size(-1)), device=gens[0].device)  # each prompt's noise from its own generator
-            for b, g in enumerate(gens):
-                torch.rand((G, logits.size(-1)), generator=g, device=g.device, out=u[b])
-            gumbel = u.view(B * G, -1).clamp_(1e-20, 1 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place
-            tok = (logits / temperature).add_(gumbel.to(logits.device)).argmax(-1)
-        else:
-            tok = logits.argmax(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        done |= tok == eos_id
-        if stop_early and done.all():
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                 past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
-        next_pos = next_pos + 1
-    return torch.stack(tokens, 1)
 
 
 @torch.no_grad()
@@ -237,3 +122,25 @@ def prompt_embeddings(lm, prompt_token_lists: list, pad_id: int, batch_size: int
             e = torch.cat([e, h[:, -1]], -1)  # left padding: the last position is the last prompt token
         embs.append(e.cpu())
     return torch.cat(embs) if embs else torch.zeros(0)
+
+
+def frozen_embeddings(cfg, pad_id, toks: list, dtype, ranks) -> torch.Tensor:
+    """e(x) of every prompt in `toks` from the initial model (cfg.model), (N, D) on the CPU: computed once,
+    sharded over ranks and gathered, cached in <out_dir>/prompt_emb.pt under a key of what determines it."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.join(cfg.out_dir, "prompt_emb.pt")
+    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data, "n": len(toks)}
+    emb = torch.load(path) if os.path.exists(path) else None
+    if emb is None or emb.get("key") != key:
+        base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(ranks.device).eval()
+        mine = list(range(ranks.rank, len(toks), ranks.world))
+        part = prompt_embeddings(base, [toks[i] for i in mine], pad_id, cfg.eval_batch, ranks.device, cfg.logz_features)
+        parts = [(i, e) for i, e in gather((mine, part), ranks.world) if len(i)]
+        emb = {"key": key, "emb": torch.zeros(len(toks), parts[0][1].size(1))}
+        for i, e in parts:
+            emb["emb"][i] = e
+        if ranks.rank == 0:
+            torch.save(emb, path + ".tmp")
+            os.replace(path + ".tmp", path)
+    return emb["emb"]

@@ -6,16 +6,19 @@ Read this file right after tb_loss.py: the loss makes β·log Z_φ(x) an estimat
 accuracy on x (Proposition 4.1), and this rule spends the rollouts on prompts of medium difficulty, where
 a group of G responses is most likely to hold both right and wrong answers (an all-equal group carries
 no learning signal). The paper's rule is greedy and deterministic with τ = 0.5. What the paper leaves
-open, and our choices (docs/DESIGN.md):
+open, and our choices (docs/DESIGN.md, "Where we depart from or fill in the paper"):
 
 - the candidates: a pool of `pool_size` prompts drawn without replacement through shuffled epochs of
   the data set (`PromptPool`); `pool_size = 0` scores the whole data set every step;
 - exploration (`explore_frac`, ours; 0 is the paper's rule): a share of the B slots goes to candidates
   the greedy rule passed over, in pool order (a uniform draw), so estimates far from τ keep being checked.
 
-`pick` is the rule every selector of selection.py applies to its own scores; uniform selection (the
-baselines) takes the first B of the pool. Every rank holds the same pool RNG and the same Z_φ weights,
-so every rank selects the same prompts.
+`PacedSelector` is step 1 of the loop: it draws the pool, scores it with p̂ and keeps B. It is the loop's
+selector seam: `choose(step)` gives the B prompt indices, `observe(step, groups)` hears each step's
+outcome (PACED-RL needs nothing from it: Z_φ learns through the loss) and returns metrics to log, and
+`state_dict` is checkpointed. The research harness's selectors (uniform, history, ...) have the same
+methods. Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same
+prompts.
 """
 
 import numpy as np
@@ -68,3 +71,28 @@ class PromptPool:
     def load_state_dict(self, s):
         self.epoch, self.cursor = s["epoch"], s["cursor"]
         self._perm = self._permutation()
+
+
+class PacedSelector:
+    """The B candidates of each pool whose p̂ = β·log Z_φ(e(x)) is nearest τ (`explore_frac` of them drawn
+    uniformly from the rest of the pool)."""
+
+    def __init__(self, run):
+        cfg = run.cfg
+        self.B, self.tau, self.n_explore = cfg.prompts_per_step, cfg.tau, round(cfg.explore_frac * cfg.prompts_per_step)
+        self.pool = PromptPool(len(run.prompts.train.toks), cfg.pool_size, cfg.seed)
+        self.p_hat = lambda idx: run.objective.p_hat(run.model.policy, idx)  # noqa: E731
+
+    def choose(self, step: int) -> np.ndarray:
+        cand = self.pool.next()
+        return cand[pick(self.p_hat(cand), self.B, self.tau, self.n_explore)]
+
+    def observe(self, step: int, groups: list) -> dict:
+        """groups: every rank's (prompt index, observed accuracy a, p̂ or None) of this step, in prompt order."""
+        return {}
+
+    def state_dict(self):
+        return {"pool": self.pool.state_dict()}
+
+    def load_state_dict(self, st):
+        self.pool.load_state_dict(st["pool"])

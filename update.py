@@ -1,30 +1,57 @@
-"""The update: the algorithm's loss over fresh (+ replayed) samples, in micro-batches, then the optimizer step.
+"""Step 5, the update: an objective's loss over fresh (+ replayed) samples, in micro-batches, then AdamW.
 
-    θ, φ ← AdamW step on  L = (1/N) Σ_i loss_i     (tb_loss.py: PACED-RL's TB, GRPO's clipped ratio, FlowRL)
+    θ, φ ← AdamW step on  L = (1/N) Σ_i loss_i     (PacedObjective: the TB loss of tb_loss.py)
 
-- Each micro-batch contributes its loss sum / N, N the global sample (or token) count, so gradient
-  accumulation and the all-reduce over ranks (distributed.sync_grads) give exactly the gradient of the
-  global-batch loss: the same update on 1 rank or 8, with micro-batches or without.
+- The objective is the seam between the loop and a loss: `PacedObjective` is PACED-RL's, and the
+  baselines of the research harness are other objectives with the same methods. The loop never asks
+  which one it runs.
+- Each micro-batch contributes its loss sum / N, N the global count the objective names (samples, or
+  tokens), so gradient accumulation and the all-reduce over ranks (distributed.sync_grads) give exactly
+  the gradient of the global-batch loss: the same update on 1 rank or 8, with micro-batches or without.
 - updates_per_batch = U > 1: U optimizer steps per rollout batch, step u on the prompts at global
   positions [u·n/U, (u+1)·n/U), anchored on the sampler's log-probs (one no-grad pass before the first).
-- A non-finite loss or gradient skips that optimizer step on every rank (counted, never applied); train.py
-  stops the run after `nonfinite_patience` such steps in a row.
-- beta_kl: β·KL(π_old ‖ π_θ) after the update, Proposition 4.1's gap between β·log Z and accuracy: one
-  no-grad pass over the fresh samples, every kl_every steps.
-- shared_prefix: every log-prob pass runs each distinct prompt once and its responses from its KV cache
-  (logprobs.token_logprobs); train.setup first checks that the model gives the plain path's values.
-- build_policy: the LM, its log Z head and π_ref, sharded if asked, and the AdamW over θ and φ.
+- A non-finite loss or gradient skips that optimizer step on every rank (counted, never applied); the
+  loop stops a run after `nonfinite_patience` such steps in a row.
 """
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-import logprobs
 import paced_rl
 import tb_loss
 from distributed import all_sum, is_sharded, shard_model, sync_grads
+from lm import Seqs, amp, left_pad, right_pad, token_logprobs
+
+
+@dataclass
+class Samples:
+    """The loss's inputs: one row per response."""
+    seqs: Seqs
+    prompt: torch.Tensor  # (N,) training-set index of each row's prompt
+    reward: torch.Tensor  # (N,) verifier reward
+    behavior: torch.Tensor = None  # (N,) replayed rows: the sampler's log π(y|x); None for this step's rollouts
+    old_tok: torch.Tensor = None  # (N, R) per-token log π_old, where updates_per_batch > 1
+    adv: torch.Tensor = None  # (N,) per-row values an objective computes over whole groups (GRPO's advantages)
+
+    def __getitem__(self, rows) -> "Samples":
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Samples(self.seqs[rows], self.prompt[rows], self.reward[rows], pick(self.behavior), pick(self.old_tok),
+                       pick(self.adv))
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+@dataclass
+class Model:
+    """The trained policy (LM and its log Z head), the frozen reference model if the objective needs one, AdamW."""
+    policy: paced_rl.Policy
+    ref_lm: object  # π_ref, the frozen initial model, or None
+    params: list  # the trainable parameters, listed once after sharding (FSDP2 swaps them while unsharded)
+    opt: torch.optim.Optimizer
 
 
 @dataclass
@@ -32,180 +59,176 @@ class Update:
     """What a step's optimizer steps report."""
     losses: list  # the global loss of each optimizer step (NaN where nothing was trained)
     grad_norms: list  # θ's gradient norm before clipping, per optimizer step
+    logz_grad_norms: list  # the log Z head's gradient norm, per optimizer step (0 without a head)
     logp_old: torch.Tensor  # (nG,) log π_old(y|x) of this rank's fresh samples
     skipped: int  # optimizer steps skipped (non-finite loss or gradient, or no samples)
-    nonfinite: int = 0  # of those, the ones skipped for a non-finite loss or gradient
-    logz_grad_norms: list = None  # the log Z head's gradient norm, per optimizer step (0 without a head)
-    logz_step_norm: float = 0.0  # ‖φ after − φ before‖ over this step's optimizer steps: the size of Adam's moves
+    nonfinite: int  # of those, the ones skipped for a non-finite loss or gradient
+    warnings: list  # why each skipped step was skipped, for the log
 
 
-def fresh_samples(batch, cfg, emb_train, old_tok=None) -> dict:
-    """The loss inputs of this step's rollouts: advantages for the baselines, e(x) for Z_φ."""
-    G, paced, has = cfg.group_size, cfg.algo == "paced", bool(batch.idx)
-    return {"idx": batch.idx, "pid": batch.pid, "pmask": batch.pmask, "resp": batch.resp, "rmask": batch.rmask, "reward": batch.reward,
-            "behavior": None, "train_logz": True, "old_tok": old_tok,
-            "adv": tb_loss.group_advantages(batch.reward, G, cfg.adv_eps) if not paced and has else None,
-            "emb": emb_train[torch.tensor(batch.idx, device=emb_train.device)].repeat_interleave(G, 0) if paced and has else None}
+def sequence_logprobs(lm, seqs: Seqs, cfg, per_token: bool = False):
+    """log π(y|x) of every row under cfg's temperature, chunking, shared prefix and mixed precision: (N,), or (N, R)
+    per token. With gradients unless called under torch.no_grad."""
+    with amp(seqs.resp.device, cfg.dtype == "bfloat16"):  # log-probs come out in fp32
+        tok = token_logprobs(lm, seqs, cfg.temperature, cfg.logit_chunk, shared_prefix=cfg.shared_prefix)
+    return tok if per_token else tok.sum(-1)
 
 
-def replayed_samples(entries, toks, pad_id, emb_train, cfg, device):
-    """The loss inputs of replayed correct trajectories (reward 1), with their sampler's log-probs; None if none."""
-    if not entries:
-        return None
-    pid, pmask = paced_rl.left_pad([toks[e["prompt"]] for e in entries], pad_id, device)
-    resp, rmask = paced_rl.right_pad([e["response"] for e in entries], pad_id, device)
-    return {"pid": pid, "pmask": pmask, "resp": resp, "rmask": rmask, "reward": torch.ones(len(entries), device=device),
-            "train_logz": cfg.replay_trains_logz, "behavior": torch.tensor([e["logp_behavior"] for e in entries], device=device),
-            "emb": emb_train[torch.tensor([e["prompt"] for e in entries], device=device)], "adv": None, "old_tok": None}
+class PacedObjective:
+    """PACED-RL's objective: the TB loss anchored on π_old, with Z_φ = LogZHead over the frozen e(x).
+
+    With one optimizer step per rollout batch (the default) π_old is the policy before this update, so
+    log π_old is log π_θ detached (no extra forward pass). Replayed samples were drawn by an older policy:
+    anchored per `replay_anchor`, weighted min(replay_is_clip, π_θold/π_behavior) (detached), and they
+    train Z_φ only with `replay_trains_logz` (correct-only samples would push p̂ up)."""
+
+    needs_ref = False  # no frozen π_ref: the anchor is π_old
+
+    def __init__(self, run):
+        self.cfg = run.cfg
+        self.emb, self.emb_heldout = run.embeddings()  # (N, D) on the device, (M, D)
+
+    def head(self, lm) -> torch.nn.Module:
+        head = paced_rl.LogZHead(self.emb.size(1), self.cfg.logz_hidden, self.cfg.beta, self.cfg.logz_init_acc,
+                                 self.cfg.logz_output)
+        head.set_normalization(self.emb)
+        return head
+
+    def param_groups(self, head) -> list:
+        """Z_φ has its own (far larger) learning rate and no weight decay."""
+        return head.param_groups(self.cfg.logz_lr, self.cfg.logz_lr_fan_in)
+
+    @torch.no_grad()
+    def p_hat(self, policy, idx=None) -> np.ndarray:
+        """p̂ = β·log Z_φ(e(x)) of training prompts idx, or of every held-out prompt (idx None)."""
+        emb = self.emb_heldout if idx is None else self.emb[torch.as_tensor(idx, device=self.emb.device)]
+        return policy.logz.p_hat(emb.to(self.emb.device)).cpu().numpy()
+
+    def prepare(self, fresh: Samples) -> Samples:
+        return fresh
+
+    def count(self, fresh: Samples, replayed: Samples) -> float:
+        """This rank's share of the global mean's N: its samples."""
+        return float((len(fresh) if fresh else 0) + (len(replayed) if replayed else 0))
+
+    def loss(self, model: Model, s: Samples, denom: float):
+        """(this micro-batch's Σ w·δ² / denom, its log π_old (n,) detached)."""
+        cfg = self.cfg
+        logp_tok = sequence_logprobs(model.policy.lm, s.seqs, cfg, per_token=True)  # (n, R)
+        old = (s.old_tok if s.old_tok is not None else logp_tok.detach()).sum(-1)
+        logp = logp_tok.sum(-1)
+        cur = logp.detach()
+        log_z = model.policy.logz(self.emb[s.prompt])
+        anchor, w = old, None
+        if s.behavior is not None:  # replayed
+            if not cfg.replay_trains_logz:
+                log_z = log_z.detach()
+            anchor = s.behavior if cfg.replay_anchor == "behavior" else cur
+            if cfg.replay_is_clip > 0:
+                w = (cur - s.behavior).exp().clamp(max=cfg.replay_is_clip)
+        return tb_loss.paced_tb_loss(log_z, logp, anchor, s.reward, cfg.beta, weight=w, denom=denom), old
 
 
-def optimizer_steps(policy, params, ref_lm, opt, fresh, replayed, n_train, cfg, rank, world, device, log, step) -> Update:
-    """U = updates_per_batch optimizer steps: step u trains on the prompts at global positions
-    [u·n/U, (u+1)·n/U) of this step's batch (this rank holds positions rank, rank + world, ...) and on
-    its share of the replayed samples. n_train: prompts in this update over all ranks. params: the
-    trainable parameters as listed right after FSDP2 sharding (while unsharded it swaps in plain tensors)."""
-    G, U = cfg.group_size, cfg.updates_per_batch
-    n_rep = replayed["resp"].size(0) if replayed is not None else 0
-    gpos = [rank + k * world for k in range(len(fresh["idx"]))]
-    losses, gnorms, znorms, old_parts, skipped, nonfinite = [], [], [], [], 0, 0
-    phi0 = [p.detach().clone() for p in policy.logz.parameters()] if policy.logz is not None else []
-    for u in range(U):
-        ks = [k for k, p in enumerate(gpos) if u * n_train // U <= p < (u + 1) * n_train // U]
-        f_u = take(fresh, slice(ks[0] * G, (ks[-1] + 1) * G)) if ks else None
-        r_lo, r_hi = u * n_rep // U, (u + 1) * n_rep // U
-        r_u = take(replayed, slice(r_lo, r_hi)) if r_hi > r_lo else None
-        if cfg.algo == "grpo" and cfg.grpo_agg == "token_mean":
-            denom = all_sum(float(f_u["rmask"].sum()) if f_u else 0.0, world, device)
-        else:
-            denom = all_sum(float((f_u["resp"].size(0) if f_u else 0) + (r_u["resp"].size(0) if r_u else 0)), world, device)
-        loss_local = 0.0
-        if f_u:
-            loss_local, old_u = loss_backward(policy, ref_lm, f_u, cfg, denom)  # old_u: log π_old(y|x), (n,)
-            old_parts.append(old_u)
-        if r_u:
-            loss_local += loss_backward(policy, ref_lm, r_u, cfg, denom)[0]
-        global_loss = all_sum(loss_local, world, device) if denom > 0 else float("nan")  # the same on every rank
-        sync_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(list(policy.lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
-        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(policy.logz.parameters()), float("inf"))) if policy.logz is not None else 0.0
-        if denom == 0:  # dynamic sampling kept too few groups: nothing to train on in this optimizer step
-            skipped += 1
-            log(f"warning: step {step}: no samples to train on (dynamic sampling kept too few groups): update skipped")
-        elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
-            opt.step()
-        else:  # a NaN or inf loss or gradient: skip this update, count it, go on (train.py stops a run that keeps doing it)
-            skipped += 1
-            nonfinite += 1
-            log(f"warning: step {step}: non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
-        opt.zero_grad(set_to_none=True)
-        losses.append(global_loss)
-        gnorms.append(gnorm)
-        znorms.append(gnorm_z)
-    logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
-    moved = float(sum((p.detach() - p0).pow(2).sum() for p, p0 in zip(policy.logz.parameters(), phi0)) ** 0.5) if phi0 else 0.0
-    return Update(losses, gnorms, logp_old, skipped, nonfinite, znorms, moved)
-
-
-def build_policy(cfg, model_path: str, emb_train, dtype, device, world):
-    """(policy, π_ref or None, AdamW): the LM from model_path (a checkpoint's on resume) with its log Z head
-    (Z_φ over the frozen e(x) for PACED-RL, FlowRL's pooled head, none for GRPO), sharded with FSDP2 if asked.
-    Z_φ has its own (far larger) learning rate and no weight decay. The trained LM is held in fp32 whatever
-    cfg.dtype says (bfloat16 means bf16 compute under paced_rl.amp, fp32 master weights); the frozen π_ref in `dtype`."""
+def build_model(cfg, objective, model_path: str, ranks) -> Model:
+    """The LM from model_path (a checkpoint's on resume) with the objective's log Z head, π_ref where the objective
+    needs it, sharded with FSDP2 if asked, and AdamW. The trained LM is held in fp32 whatever cfg.dtype says
+    (bfloat16 means bf16 compute under lm.amp with fp32 master weights); the frozen π_ref in that dtype."""
     from transformers import AutoModelForCausalLM
 
-    load = lambda path, dt: AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=cfg.attn_impl).to(device)  # noqa: E731
+    load = lambda path, dt: AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=cfg.attn_impl).to(ranks.device)  # noqa: E731
     lm = load(model_path, torch.float32)  # same files on every rank: same weights
     if cfg.grad_ckpt:
         (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
-    ref_lm = load(cfg.model, dtype).eval().requires_grad_(False) if cfg.algo == "flowrl" or (cfg.algo == "grpo" and cfg.kl_coef > 0) else None
-    if cfg.fsdp and world > 1:
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    ref_lm = load(cfg.model, dtype).eval().requires_grad_(False) if objective.needs_ref else None
+    if cfg.fsdp and ranks.world > 1:
         for m in (lm, ref_lm):
             if m is not None:
-                shard_model(m, world, device)
+                shard_model(m, ranks.world, ranks.device)
     torch.manual_seed(cfg.seed)  # the log Z head's init, the same on every rank
-    logz = None
-    if cfg.algo == "paced":
-        logz = paced_rl.LogZHead(emb_train.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
-        logz.set_normalization(emb_train)
-    elif cfg.algo == "flowrl":
-        logz = paced_rl.PooledLogZHead(lm.config.hidden_size)
-    policy = paced_rl.Policy(lm, logz).to(device)
+    head = objective.head(lm)
+    policy = paced_rl.Policy(lm, head).to(ranks.device)
     groups = [{"params": list(lm.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if isinstance(logz, paced_rl.LogZHead):  # Z_φ has its own (far larger) learning rate and no weight decay
-        groups += logz.param_groups(cfg.logz_lr, cfg.logz_lr_fan_in)
-    elif logz is not None:
-        groups.append({"params": list(logz.parameters()), "lr": cfg.logz_lr, "weight_decay": 0.0})
-    return policy, ref_lm, torch.optim.AdamW(groups)
+    groups += objective.param_groups(head) if head is not None else []
+    return Model(policy, ref_lm, [p for p in policy.parameters() if p.requires_grad], torch.optim.AdamW(groups))
 
 
-def loss_backward(policy, ref_lm, b: dict, cfg, denom: float):
-    """Forward and backward of the algorithm's loss over one batch, in micro-batches of `cfg.micro_batch`
-    samples; gradients accumulate in .grad. Each micro-batch's loss is its sum over `denom` (the global
-    sample or token count), so accumulation, and the sum over ranks, give exactly the gradient of the
-    global-batch loss. Returns (this batch's share of the loss, log π_old of every sample, detached (N,)).
+def fresh_samples(batch, cfg, old_tok=None) -> Samples:
+    """This step's rollouts as loss inputs."""
+    prompt = torch.tensor(batch.idx, dtype=torch.long, device=batch.reward.device).repeat_interleave(cfg.group_size)
+    return Samples(batch.seqs, prompt, batch.reward, old_tok=old_tok)
 
-    b: prompt/response tensors, `reward` (N,), `adv` (N,) for the baselines, `emb` (N, D) for Z_φ,
-    `train_logz`, `behavior`: None for fresh samples, or the sampler's log-probs of replayed samples, and
-    `old_tok`: the per-token log π_old of fresh samples when updates_per_batch > 1. With one optimizer step
-    per rollout batch (the default) π_old is the policy before this update, so log π_old is log π_θ
-    detached (no extra forward pass); the ratio π_θ/π_old is then 1, and GRPO's clip and FlowRL's
-    importance weight are inactive, as in TRL's default of one iteration per batch. Replayed samples
-    (PACED-RL) are anchored per cfg.replay_anchor, weighted min(clip, π_θold/π_behavior)."""
-    N = b["resp"].size(0)
-    size = cfg.micro_batch if cfg.micro_batch > 0 else max(N, 1)
+
+def replayed_samples(entries, toks, pad_id, device):
+    """Replayed correct trajectories (reward 1) as loss inputs, with their sampler's log-probs; None if none."""
+    if not entries:
+        return None
+    seqs = Seqs(*left_pad([toks[e["prompt"]] for e in entries], pad_id, device),
+                *right_pad([e["response"] for e in entries], pad_id, device))
+    return Samples(seqs, torch.tensor([e["prompt"] for e in entries], device=device), torch.ones(len(entries), device=device),
+                   behavior=torch.tensor([e["logp_behavior"] for e in entries], device=device))
+
+
+def backward(model: Model, objective, s: Samples, denom: float, cfg):
+    """Forward and backward of the objective's loss over `s`, `cfg.micro_batch` rows at a time; gradients
+    accumulate in .grad. Returns (this rank's share of the loss, log π_old of every row (N,), detached)."""
+    size = cfg.micro_batch if cfg.micro_batch > 0 else max(len(s), 1)
     total, olds = 0.0, []
-    for i in range(0, N, size):
-        s = slice(i, i + size)
-        args = (b["pid"][s], b["pmask"][s], b["resp"][s], b["rmask"][s], cfg.temperature, cfg.logit_chunk)
-        shared = {"shared_prefix": cfg.shared_prefix}
-        with paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):  # log-probs come out in fp32
-            if cfg.algo == "flowrl":
-                logp_tok, h = logprobs.token_logprobs(policy.lm, *args, prompt_state=True, **shared)  # (n, R), (n, H)
-            else:
-                logp_tok = logprobs.token_logprobs(policy.lm, *args, **shared)
-        old_tok = b["old_tok"][s] if b.get("old_tok") is not None else logp_tok.detach()  # (n, R)
-        logp, ntok, old = logp_tok.sum(-1), b["rmask"][s].sum(-1), old_tok.sum(-1)
-        cur = logp.detach()
-        if cfg.algo == "paced":
-            log_z = policy.logz(b["emb"][s])
-            if not b["train_logz"]:
-                log_z = log_z.detach()
-            anchor, w = old, None
-            if b["behavior"] is not None:
-                anchor = cur
-                if cfg.replay_anchor == "behavior":
-                    anchor = b["behavior"][s]
-                if cfg.replay_is_clip > 0:
-                    w = (cur - b["behavior"][s]).exp().clamp(max=cfg.replay_is_clip)
-            loss = tb_loss.paced_tb_loss(log_z, logp, anchor, b["reward"][s], cfg.beta, weight=w, denom=denom)
-        elif cfg.algo == "grpo":
-            ref_tok = None
-            if cfg.kl_coef > 0:
-                with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
-                    ref_tok = logprobs.token_logprobs(ref_lm, *args, **shared)
-            loss = tb_loss.grpo_loss(logp_tok, old_tok, b["rmask"][s], b["adv"][s], cfg.clip_eps,
-                                     cfg.grpo_agg, denom, ref_tok, cfg.kl_coef)
-        else:  # flowrl
-            with torch.no_grad(), paced_rl.amp(b["resp"].device, cfg.dtype == "bfloat16"):
-                ref = logprobs.token_logprobs(ref_lm, *args, **shared).sum(-1)
-            w = (cur - old).exp().clamp(max=cfg.flowrl_is_clip)  # π_θ/π_old, detached: 1 at the first optimizer step
-            loss = tb_loss.flowrl_loss(policy.logz(h), logp, ref, ntok, b["adv"][s], cfg.flowrl_reward_mult,
-                                       weight=w, denom=denom)
+    for i in range(0, len(s), size):
+        loss, old = objective.loss(model, s[i:i + size], denom)
         loss.backward()
         total += loss.item()
         olds.append(old)
     return total, torch.cat(olds)
 
 
+def optimizer_steps(model: Model, objective, fresh: Samples, replayed: Samples, n_train: int, cfg, ranks) -> Update:
+    """U = updates_per_batch optimizer steps: step u trains on the prompts at global positions [u·n/U, (u+1)·n/U)
+    of this step's batch (this rank holds positions rank, rank + world, ...) and on its share of the replayed
+    samples. n_train: prompts in this update over all ranks."""
+    G, U, world, device = cfg.group_size, cfg.updates_per_batch, ranks.world, ranks.device
+    policy, n_rep = model.policy, len(replayed) if replayed is not None else 0
+    gpos = [ranks.rank + k * world for k in range(len(fresh) // G)]
+    out = Update([], [], [], None, 0, 0, [])
+    old_parts = []
+    for u in range(U):
+        ks = [k for k, p in enumerate(gpos) if u * n_train // U <= p < (u + 1) * n_train // U]
+        f_u = fresh[ks[0] * G:(ks[-1] + 1) * G] if ks else None
+        r_lo, r_hi = u * n_rep // U, (u + 1) * n_rep // U
+        r_u = replayed[r_lo:r_hi] if r_hi > r_lo else None
+        denom = all_sum(objective.count(f_u, r_u), world, device)
+        loss_local = 0.0
+        if f_u:
+            loss_local, old_u = backward(model, objective, f_u, denom, cfg)
+            old_parts.append(old_u)
+        if r_u:
+            loss_local += backward(model, objective, r_u, denom, cfg)[0]
+        global_loss = all_sum(loss_local, world, device) if denom > 0 else float("nan")  # the same on every rank
+        sync_grads(model.params, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(list(policy.lm.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = float(gnorm.full_tensor() if is_sharded(gnorm) else gnorm)
+        gnorm_z = float(torch.nn.utils.clip_grad_norm_(list(policy.logz.parameters()), float("inf"))) if policy.logz is not None else 0.0
+        if denom == 0:  # a rollout variant kept too few groups: nothing to train on in this optimizer step
+            out.skipped += 1
+            out.warnings.append("no samples to train on (a rollout variant kept too few groups): update skipped")
+        elif math.isfinite(global_loss) and math.isfinite(gnorm) and math.isfinite(gnorm_z):
+            model.opt.step()
+        else:  # a NaN or inf loss or gradient: skip this update, count it, go on
+            out.skipped, out.nonfinite = out.skipped + 1, out.nonfinite + 1
+            out.warnings.append(f"non-finite loss {global_loss} or gradient norm {gnorm}: update skipped")
+        model.opt.zero_grad(set_to_none=True)
+        out.losses.append(global_loss)
+        out.grad_norms.append(gnorm)
+        out.logz_grad_norms.append(gnorm_z)
+    out.logp_old = torch.cat(old_parts) if old_parts else torch.zeros(0, device=device)  # (nG,)
+    return out
+
+
 @torch.no_grad()
-def logprobs_nograd(lm, pid, pmask, resp, rmask, cfg, per_token: bool = False):
-    """Response log-probs without gradients, in micro-batches: summed (N,), or per token (N, R)."""
-    size = cfg.micro_batch if cfg.micro_batch > 0 else max(resp.size(0), 1)
-    with paced_rl.amp(resp.device, cfg.dtype == "bfloat16"):
-        tok = torch.cat([logprobs.token_logprobs(lm, pid[i:i + size], pmask[i:i + size], resp[i:i + size],
-                                                 rmask[i:i + size], cfg.temperature, cfg.logit_chunk, shared_prefix=cfg.shared_prefix)
-                         for i in range(0, resp.size(0), size)])
+def logprobs_nograd(lm, seqs: Seqs, cfg, per_token: bool = False):
+    """Response log-probs without gradients, `cfg.micro_batch` rows at a time: summed (N,), or per token (N, R)."""
+    size = cfg.micro_batch if cfg.micro_batch > 0 else max(len(seqs), 1)
+    tok = torch.cat([sequence_logprobs(lm, seqs[i:i + size], cfg, per_token=True) for i in range(0, len(seqs), size)])
     return tok if per_token else tok.sum(-1)
 
 
@@ -213,10 +236,4 @@ def kl_sum(lm, batch, logp_old, cfg) -> float:
     """Σ over this rank's fresh samples of the k3 estimate of KL(π_old ‖ π_θ), after the update."""
     if not batch.idx:
         return 0.0
-    logp_new = logprobs_nograd(lm, batch.pid, batch.pmask, batch.resp, batch.rmask, cfg)
-    return float(tb_loss.kl_k3(logp_old, logp_new).sum())
-
-
-def take(b: dict, s: slice) -> dict:
-    """Rows `s` of every per-sample tensor of a batch dict (other entries as they are)."""
-    return {k: v[s] if torch.is_tensor(v) else v for k, v in b.items()}
+    return float(tb_loss.kl_k3(logp_old, logprobs_nograd(lm, batch.seqs, cfg)).sum())

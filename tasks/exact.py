@@ -21,7 +21,7 @@ a token's probability by less than 1e-6 relative; no top-k or top-p truncation i
 import numpy as np
 import torch
 
-import paced_rl
+import lm as lm_lib
 from distributed import gather
 
 
@@ -50,8 +50,8 @@ def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_toke
         for c in range(0, len(frontier), batch_size):
             chunk = frontier[c:c + batch_size]
             seqs = [prompt_toks[i] + prefix + ans_ids[i][m:] for i, prefix, m, _ in chunk]
-            pid, pmask = paced_rl.left_pad(seqs, tokenizer.pad_token_id, device)
-            logits = lm(input_ids=pid, attention_mask=pmask, position_ids=paced_rl.position_ids(pmask)).logits.float()
+            pid, pmask = lm_lib.left_pad(seqs, tokenizer.pad_token_id, device)
+            logits = lm(input_ids=pid, attention_mask=pmask, position_ids=lm_lib.position_ids(pmask)).logits.float()
             logp = torch.log_softmax(logits / temperature, -1).cpu().double().numpy()  # (b, T, V)
             for (i, prefix, m, lp), seq, rows in zip(chunk, seqs, logp):
                 n, rest, depth = len(ans_ids[i]), ans_ids[i][m:], len(prefix)
@@ -80,13 +80,13 @@ def exact_accuracy(lm, tokenizer, prompt_toks: list, answers: list, max_new_toke
     return acc, dropped
 
 
-def exact_accuracy_sharded(lm, tokenizer, toks: list, answers: list, cfg, device, rank: int, world: int):
+def exact_accuracy_sharded(lm, tokenizer, toks: list, answers: list, cfg, ranks):
     """exact_accuracy of every prompt of `toks` at the run's temperature and length cap: each rank computes
     its share, then one gather. A sharded (FSDP) model needs every rank in lockstep, so there each computes all."""
-    world = 1 if cfg.fsdp else world
-    mine = list(range(rank % world, len(toks), world))
+    world = 1 if cfg.fsdp else ranks.world
+    mine = list(range(ranks.rank % world, len(toks), world))
     acc, gap = exact_accuracy(lm, tokenizer, [toks[j] for j in mine], [answers[j] for j in mine], cfg.max_new_tokens,
-                              cfg.temperature, device, cfg.eval_batch)
+                              cfg.temperature, ranks.device, cfg.eval_batch)
     out = np.zeros((2, len(toks)))
     for idx, a, g in gather((mine, acc, gap), world):
         out[0, idx], out[1, idx] = a, g

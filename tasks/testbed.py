@@ -18,7 +18,7 @@ The built testbed ships in the repository (testbed/, and testbed/small for the t
 MANIFEST.json (recipe, where the warm start stopped, sha256 of every file); `check` is what a run calls.
 Rebuild from scratch with `python -m tasks.testbed --out=DIR [--seed=N --sft_target=...]` (the small one:
 `--out=testbed/small --n_train=400 --n_heldout=64 --sft_target=0.05 --sft_approach=0`); a run refuses a build
-whose digest is not in SHIPPED unless `--testbed_check=false`.
+whose digest is not in SHIPPED unless `--testbed_dir=''`.
 `python -m tasks.testbed --regimes` prints each difficulty regime's share of all-equal groups at the warm start.
 """
 
@@ -213,7 +213,7 @@ def sft(model, tokenizer, cfg: TestbedConfig, val: list, log=print) -> dict:
 # ----------------------------------------------------------------------------- build, manifest, check
 
 # The shipped builds, {folder in the repository: digest of its files}; a run refuses any other build unless
-# --testbed_check=false, wherever it lies
+# --testbed_dir='', wherever it lies
 SHIPPED = {"testbed": "57d8886192c9b9d3074de275802a823fce6679334a21651113f90a93e3ba599f",
            "testbed/small": "1909c4f432ca16965d8d535695a8878f8fdaa1e85d8974fcb5a60ed843917653"}
 MANIFEST = "MANIFEST.json"  # {config, warm start, sha256 of every built file}: written by build, read by check
@@ -298,7 +298,7 @@ def check(out: str) -> dict:
     if man["digest"] not in SHIPPED.values():
         raise SystemExit(f"testbed: {out} is not a shipped build (digest {man['digest'][:12]}, built with "
                          f"{man['config']}): its numbers are not the README's. Restore it with `git checkout -- {out}`, "
-                         f"or run on it anyway with --testbed_check=false")
+                         f"or run on it anyway with --testbed_dir=''")
     return man
 
 

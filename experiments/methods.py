@@ -1,11 +1,12 @@
-"""Every named configuration of the project, defined once: `python train.py --method=NAME`.
+"""Every named configuration of the research harness, defined once: `python -m experiments.run --method=NAME`.
 
-A method is a set of config fields applied after the preset and before the command line, so
-`--method=paced_greedy --lr=4e-4` is PACED-RL's greedy variant at another learning rate. The
-experiments' scripts and the tests loop over the names of GROUPS.
+A method is a set of fields (the core's and the harness's) applied after the preset and before the command
+line, so `--method=paced_greedy --lr=4e-4` is PACED-RL's greedy rule at another learning rate. The
+experiments' scripts and the tests loop over the names of GROUPS. A new objective or selector is one entry
+here, beside its code.
 
-    python methods.py                # every method with what it changes
-    python methods.py comparison     # the names of one group, on one line (for the shell scripts)
+    python -m experiments.methods                # every method with what it changes
+    python -m experiments.methods comparison     # the names of one group, on one line (for the shell scripts)
 """
 
 import sys
@@ -24,11 +25,10 @@ METHODS = {  # name: (what it is, its config fields)
     # the investigation of why PACED-RL does not win on the testbed: one switch each
     "paced_pool256": ("a pool of 256 candidates, a quarter of the slots explored",
                       {"algo": "paced", "pool_size": 256, "explore_frac": 0.25}),
-    "paced_greedy": ("the paper's pure greedy rule: no exploration slots (the default)", {"algo": "paced", "explore_frac": 0.0}),
-    "paced_explore": ("half of the B slots drawn uniformly from the rest of the pool (the default before 2026-12-02)",
-                      {"algo": "paced", "explore_frac": 0.5}),
-    "paced_one_lr": ("Z_φ's layers at one Adam lr whatever their width (the default before 2026-12-02)",
-                     {"algo": "paced", "logz_lr_fan_in": 0}),
+    "paced_greedy": ("the paper's pure greedy rule: no exploration slots (as the defaults)",
+                     {"algo": "paced", "explore_frac": 0.0}),
+    "paced_explore": ("half of the B slots drawn uniformly from the rest of the pool", {"algo": "paced", "explore_frac": 0.5}),
+    "paced_one_lr": ("Z_φ's layers at one Adam lr whatever their width", {"algo": "paced", "logz_lr_fan_in": 0}),
     "paced_replay_trains_logz": ("replayed (correct-only) samples also train Z_φ", {"algo": "paced", "replay_trains_logz": True}),
     "paced_logz_lr3e-3": ("Z_φ at Adam lr 3e-3", {"algo": "paced", "logz_lr": 3e-3}),
     "paced_logz_lr3e-2": ("Z_φ at Adam lr 3e-2", {"algo": "paced", "logz_lr": 3e-2}),
@@ -57,7 +57,7 @@ GROUPS = {  # the names each experiment loops over
     "study": ["grpo", "grpo_dynamic", "grpo_history", "grpo_oracle", "paced", "tb_history", "tb_regress", "tb_hybrid",
               "tb_oracle"],
     "study_zphi": ["paced_greedy", "tb_hybrid_greedy", "paced_mean_last"],
-    "golden": ["paced", "grpo", "grpo_dynamic", "flowrl"],  # test_all.py's frozen 30-step runs
+    "golden": ["paced", "grpo", "grpo_dynamic", "flowrl"],  # test_all.py's frozen runs
     "smollm2_study": ["grpo", "grpo_history", "grpo_dynamic", "paced_replay_only", "paced"],  # experiments/smollm2_study.sh
 }
 
@@ -65,14 +65,14 @@ GROUPS = {  # the names each experiment loops over
 def fields_of(name: str) -> dict:
     """The config fields of a named method; an unknown name is refused with the list."""
     if name not in METHODS:
-        raise SystemExit(f"config: unknown method {name!r}; methods: {', '.join(METHODS)} (python methods.py)")
+        raise SystemExit(f"config: unknown method {name!r}; methods: {', '.join(METHODS)} (python -m experiments.methods)")
     return dict(METHODS[name][1])
 
 
 if __name__ == "__main__":
     if sys.argv[1:]:
         if sys.argv[1] not in GROUPS:
-            raise SystemExit(f"methods.py: unknown group {sys.argv[1]!r}; groups: {', '.join(GROUPS)}")
+            raise SystemExit(f"experiments.methods: unknown group {sys.argv[1]!r}; groups: {', '.join(GROUPS)}")
         print(" ".join(GROUPS[sys.argv[1]]))
     else:
         for name, (doc, kw) in METHODS.items():
