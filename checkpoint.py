@@ -158,7 +158,7 @@ def load_state(ckpt: str) -> dict:
     if fmt != STATE_FORMAT:
         raise SystemExit(f"resume: {ckpt}/state.pt has format {fmt}; this code reads format {STATE_FORMAT}. "
                          f"Resume it with the version of the code that wrote it.")
-    missing = {"step", "rollouts", "skipped_updates", "selector", "replay", "replay_rng", "opt", "logz"} - set(st)
+    missing = {"step", "rollouts", "skipped_updates", "seams", "selector", "replay", "replay_rng", "opt", "logz"} - set(st)
     if missing:
         raise SystemExit(f"resume: {ckpt}/state.pt lacks {sorted(missing)}: not a checkpoint of this code")
     return st

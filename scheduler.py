@@ -84,7 +84,7 @@ class PacedSelector:
         self.p_hat = lambda idx: run.objective.p_hat(run.model.policy, idx)  # noqa: E731
 
     def choose(self, step: int) -> np.ndarray:
-        cand = self.pool.next()
+        self.cand = cand = self.pool.next()  # kept: the pool this step's choice came from, for whoever measures it
         return cand[pick(self.p_hat(cand), self.B, self.tau, self.n_explore)]
 
     def observe(self, step: int, groups: list) -> dict:

@@ -145,7 +145,16 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
     return run
 
 
+def seams_of(run: Run) -> dict:
+    """The names of the objective and the selector a checkpoint was written with: a resume must use the same."""
+    return {"objective": type(run.objective).__name__, "selector": type(run.selector).__name__}
+
+
 def restore(run: Run, st: dict):
+    if st["seams"] != seams_of(run):
+        raise SystemExit(f"resume: the checkpoint was written by the objective and selector {st['seams']}, this run has "
+                         f"{seams_of(run)}: resume it with the command that started it (python -m experiments.run for "
+                         f"the research harness's methods)")
     if run.model.policy.logz is not None:
         run.model.policy.logz.load_state_dict(st["logz"])
     ckpt.load_opt_state(run.model.policy, run.model.opt, st["opt"], run.cfg)
@@ -167,7 +176,8 @@ def save(run: Run, step: int):
         raise SystemExit(f"stopping at step {step}: {int(bad)} weights are NaN or infinite; no checkpoint written, the "
                          f"newest good one in {run.cfg.out_dir} is intact (lower --lr)")
     ckpt.save_checkpoint(run.cfg, run.model, run.prompts.tokenizer, {
-        "step": step, "rollouts": p.rollouts, "skipped_updates": p.skipped, "selector": run.selector.state_dict(),
+        "step": step, "rollouts": p.rollouts, "skipped_updates": p.skipped, "seams": seams_of(run),
+        "selector": run.selector.state_dict(),
         "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state,
         "torch_rng": gather(ckpt.torch_rng_state(ranks.device), ranks.world)}, ranks.rank)
 

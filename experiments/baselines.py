@@ -24,6 +24,7 @@ import torch.nn as nn
 import rollout
 from distributed import all_sum, gather
 from lm import Seqs, amp, left_pad, right_pad, token_logprobs
+from tb_loss import kl_k3
 from update import Samples, sequence_logprobs
 
 

@@ -12,7 +12,7 @@ the update then sees each response cut at a length drawn from [--response_min, -
 loop's masks would. The step runs under each mode of --modes:
 
     off            fp32 compute, one forward per sequence, the β·KL pass every step
-    bf16           dtype=bfloat16: bf16 compute under autocast, fp32 weights (paced_rl.amp)
+    bf16           dtype=bfloat16: bf16 compute under autocast, fp32 weights (lm.amp)
     shared_prefix  one prompt pass per group in the update and the β·KL pass (logprobs.token_logprobs)
     kl_every       the β·KL pass every --kl_every steps (its time divided by k)
     all            the three together
@@ -30,10 +30,12 @@ import os
 import resource
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+import lm as lm_lib
 import paced_rl
 import replay
 import scheduler
@@ -41,7 +43,6 @@ import tb_loss
 import update
 import verify
 from config import Config
-from selection import Selector
 
 SHAPES = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
     "testbed": (96, 192, 3, 4, 4, 15),
@@ -147,7 +148,8 @@ def main(argv):
     opt = torch.optim.AdamW([{"params": lm.parameters(), "lr": 1e-6}, {"params": logz.parameters(), "lr": 1e-3}])
     pool = scheduler.PromptPool(max(b.pool_size, B), b.pool_size, seed=0)
     emb = torch.randn(max(b.pool_size, B), H, device=device)
-    selector = Selector(base, pool.n, emb, None, np.random.default_rng(0))
+    objective = update.PacedObjective(SimpleNamespace(cfg=base, embeddings=lambda: (emb, emb)))
+    model = update.Model(policy, None, list(policy.parameters()), opt)
     buf = replay.ReplayBuffer(128, 64)
     rng = np.random.default_rng(0)
     lens = rng.integers(b.prompt_len, max(b.prompt_len, b.prompt_max) + 1, B)
@@ -158,15 +160,15 @@ def main(argv):
 
     def step(cfg, kl_k):
         t = [time.perf_counter()]
-        with torch.no_grad():  # select: score the pool with Z_φ, pick B near τ (the loop's own selector)
-            selector.choose(pool, lambda i: logz.p_hat(emb[torch.as_tensor(i, device=device)]).float().cpu().numpy())
+        cand = pool.next()  # select: score the pool with Z_φ, pick B near τ (the loop's own rule)
+        scheduler.pick(objective.p_hat(policy, cand), B, base.tau, round(base.explore_frac * B))
         sync(); t.append(time.perf_counter())
-        pid, pmask = paced_rl.left_pad(prompts, pad, device)
+        pid, pmask = lm_lib.left_pad(prompts, pad, device)
         lm.eval()
-        size = b.rollout_batch or B
-        with paced_rl.amp(device, cfg.dtype == "bfloat16"):
-            resp = torch.cat([paced_rl.generate(lm, pid[i:i + size], pmask[i:i + size], G, paced_rl.make_generators(range(i, i + size), device),
-                                                R, 1.0, no_eos, pad) for i in range(0, B, size)])
+        size, spec = b.rollout_batch or B, lm_lib.Sampling(G, R, 1.0, no_eos, pad)
+        with lm_lib.amp(device, cfg.dtype == "bfloat16"):
+            resp = torch.cat([lm_lib.generate(lm, pid[i:i + size], pmask[i:i + size], lm_lib.make_generators(range(i, i + size), device),
+                                              spec) for i in range(0, B, size)])
         sync(); t.append(time.perf_counter())
         texts = [" ".join(map(str, r[:4].tolist())) for r in resp.cpu()]  # verify: a cheap exact-match verifier
         rewards, _ = verify.score(verify.testbed_reward, texts, ["7"] * len(texts))
@@ -178,16 +180,16 @@ def main(argv):
         lm.train()
         rmask = (torch.arange(R, device=device)[None] < torch.as_tensor(cut, device=device)[:, None]).long()
         resp = resp * rmask
-        batch = {"pid": pid.repeat_interleave(G, 0), "pmask": pmask.repeat_interleave(G, 0), "resp": resp, "rmask": rmask,
-                 "reward": torch.tensor(rewards, device=device), "behavior": None, "train_logz": True,
-                 "emb": emb[:B].repeat_interleave(G, 0)}
-        update.loss_backward(policy, None, batch, cfg, resp.size(0))
+        seqs = lm_lib.Seqs(pid.repeat_interleave(G, 0), pmask.repeat_interleave(G, 0), resp, rmask)
+        samples = update.Samples(seqs, torch.arange(B, device=device).repeat_interleave(G), torch.tensor(rewards, device=device))
+        objective.cfg = cfg
+        update.backward(model, objective, samples, resp.size(0), cfg)
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(); t.append(time.perf_counter())
         lm.eval()  # β·KL(π_old ‖ π_θ): the loop's no-grad pass after the update (train.py, kl_sum)
-        new = update.logprobs_nograd(lm, batch["pid"], batch["pmask"], resp, rmask, cfg)
+        new = update.logprobs_nograd(lm, seqs, cfg)
         tb_loss.kl_k3(new.detach(), new).sum().item()
         sync(); t.append(time.perf_counter())
         dt = np.diff(t)

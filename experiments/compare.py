@@ -18,10 +18,10 @@ import sys
 
 import numpy as np
 
-import methods
 import paced_rl
 import scheduler
 from eval import plot_reliability, pyplot
+from experiments import methods
 from metrics import all_equal_share, calibration
 
 def eval_curve(rows: list, key: str = "eval_acc") -> list:
@@ -66,8 +66,7 @@ def load_runs(paths: str) -> dict:
             rows = [json.loads(line) for line in f if line.strip()]
         with open(os.path.join(path, "heldout_final.json")) as f:
             final = json.load(f)
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = json.load(f)
+        cfg = run_config(path)
         levels = {}
         if os.path.exists(os.path.join(path, "levels.json")):
             with open(os.path.join(path, "levels.json")) as f:
@@ -130,6 +129,16 @@ def run_levels(run: dict, key: str, n=None):
     if lv is not None:
         return lv if n in (None, len(lv)) else None
     return levels_of(run["config"].get(key, ""), n)
+
+
+def run_config(run_dir: str) -> dict:
+    """A run's fields: config.json, with the harness's lab.json over it where the run has one."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if os.path.exists(os.path.join(run_dir, "lab.json")):
+        with open(os.path.join(run_dir, "lab.json")) as f:
+            cfg.update(json.load(f))
+    return cfg
 
 
 def write_levels(run_dir: str) -> dict:

@@ -32,17 +32,16 @@ import torch
 
 import paced_rl
 from config import Config
-from experiments.compare import saturated_share
+from experiments.compare import run_config, saturated_share
 from metrics import calibration
 
 
 def load_record(run: str):
     """(config dict, metrics rows) of a finished run; refused where the head's data are not in the record."""
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = run_config(run)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
-    if cfg.get("algo") != "paced" or not rows or not rows[0].get("groups"):
+    if cfg.get("algo", "paced") != "paced" or not rows or not rows[0].get("groups"):
         raise SystemExit(f"zphi_replay: {run} is not a PACED-RL run that logs its groups")
     if cfg.get("updates_per_batch", 1) != 1 or cfg.get("replay_trains_logz") or cfg.get("logz_output") != "sigmoid":
         raise SystemExit(f"zphi_replay: {run}: only one update per batch, replay not training Z_φ and the sigmoid head "
@@ -53,16 +52,21 @@ def load_record(run: str):
 def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
     """e(x) of the training prompts (N, D), from the run's cache or computed as the loop computes it."""
     path = os.path.join(run, "prompt_emb.pt")
-    if os.path.exists(path):
-        return torch.load(path)["train"]
-    from data import load_data, load_tokenizer, prompt_embedding_cache
+    cached = torch.load(path) if os.path.exists(path) else None
+    if cached is not None and "train" in cached:  # the layout of runs recorded before the cache held one tensor
+        return cached["train"]
+    from data import load_data
+    from distributed import Ranks
 
     c = Config(**{k: v for k, v in cfg.items() if k in Config.__dataclass_fields__})
-    tok = load_tokenizer(c.model)
-    _, train_toks, _, eval_toks = load_data(c, tok, lambda *a: None)
+    prompts = load_data(c, lambda *a: None)
+    if cached is not None:
+        return cached["emb"][:len(prompts.train.toks)]
     with tempfile.TemporaryDirectory() as d:
         c.out_dir = d
-        return prompt_embedding_cache(c, tok.pad_token_id, train_toks, eval_toks, torch.float32, torch.device("cpu"), 0, 1)[0]
+        emb = paced_rl.frozen_embeddings(c, prompts.tokenizer.pad_token_id, prompts.train.toks + prompts.heldout.toks,
+                                         torch.float32, Ranks(0, 1, torch.device("cpu")))
+    return emb[:len(prompts.train.toks)]
 
 
 def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0) -> list:
