@@ -1,4 +1,6 @@
-"""The sandbox that runs model-written code for the code verifier (verify.code_reward).
+"""The code verifier's work (verify.code_reward): a response's last fenced Python block run against test cases,
+each in a fresh sandboxed process. Tests come in the DeepCoder / LiveCodeBench styles: stdin/stdout
+`{"input": str, "output": str}` and function call `{"fn_name": str, "input": list, "output": any}`.
 
 Model-written code is untrusted. Each test runs in a fresh `python -I -S`
 process in its own session (process group), with an empty environment apart from PATH and LANG,
@@ -17,7 +19,9 @@ The sandbox table in docs/REFERENCE.md lists each guarantee with its default, an
 """
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,3 +154,56 @@ def run_sandboxed(program: str, job: dict, limits: SandboxLimits = SandboxLimits
         out.seek(0)
         text = out.read((limits.output_mb << 20) + 1).decode("utf-8", errors="replace")
     return text, timed_out
+
+
+def extract_code(response: str):
+    """The last fenced code block (```python ... ``` or ``` ... ```), or None."""
+    blocks = re.findall(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", response, re.DOTALL | re.IGNORECASE)
+    return blocks[-1] if blocks else None
+
+
+def _same(a, b) -> bool:
+    """Equality of JSON-like values, floats up to 1e-6 relative."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _lines(text: str):
+    return [l.rstrip() for l in text.strip().splitlines()]
+
+
+def run_test(program: str, test: dict, limits: SandboxLimits = SandboxLimits()) -> bool:
+    if "fn_name" in test:
+        marker = "@@PACED_RESULT@@"
+        args = test["input"] if isinstance(test["input"], list) else [test["input"]]
+        out, timed_out = run_sandboxed(program, {"mode": "call", "fn_name": test["fn_name"], "args": args,
+                                                 "marker": marker}, limits)
+        if timed_out or marker not in out:
+            return False
+        try:
+            got = json.loads(out.rsplit(marker, 1)[1].strip().splitlines()[0])
+        except (ValueError, IndexError):
+            return False
+        return _same(got, json.loads(json.dumps(test["output"])))
+    out, timed_out = run_sandboxed(program, {"mode": "stdio", "stdin": str(test["input"])}, limits)
+    return not timed_out and _lines(out) == _lines(str(test["output"]))
+
+
+def code_score(response: str, tests: list, all_or_nothing: bool, limits: SandboxLimits) -> float:
+    """Fraction of tests passed by the response's last fenced Python block (0 without one).
+    all_or_nothing: 1.0 only if every test passes (stops at the first failure)."""
+    program = extract_code(response)
+    if program is None:
+        return 0.0
+    passed = 0
+    for t in tests:
+        ok = run_test(program, t, limits)
+        passed += ok
+        if all_or_nothing and not ok:
+            return 0.0
+    return passed / len(tests)

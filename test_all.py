@@ -774,7 +774,7 @@ def test_attack_network_and_writes_outside(tmp_path):
     targets = [str(tmp_path / "escape"), os.path.join(HERE, "ESCAPE"), "/tmp/paced_escape", "/dev/shm/paced_escape",
                "/var/tmp/paced_escape", "../paced_escape"]
     src = "n = 0\nfor p in %r:\n    try:\n        open(p, 'w').write('x'); n += 1\n    except OSError:\n        pass\nprint(n)" % targets
-    out, _ = sandbox.run_sandboxed(verify.extract_code(fenced(src)), {"mode": "stdio", "stdin": ""}, FAST)
+    out, _ = sandbox.run_sandboxed(sandbox.extract_code(fenced(src)), {"mode": "stdio", "stdin": ""}, FAST)
     assert out.strip() == "3"  # the private tmpfs copies of /tmp, /dev/shm, /var/tmp: they vanish with it
     assert not any(os.path.exists(p) for p in targets[:5])
 
@@ -837,15 +837,22 @@ README_BAND = (0.63, 0.72)
 
 def test_the_readme_command_lands_in_its_band(tmp_path):
     """`torchrun --standalone --nproc_per_node=2 train.py` as the README gives it (its out_dir aside), on the
-    shipped testbed: the held-out accuracy at step 250 lies in the README's band, and the warm start where
-    the README says it is."""
+    shipped testbed: the held-out accuracy at step 250 lies in the README's band, and the warm start's exact
+    held-out accuracy where the README says it is."""
     out = str(tmp_path / "paced")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                         f"--out_dir={out}"], cwd=HERE, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_metrics(out)
     lo, hi = README_BAND
-    assert rows[0]["step"] == 0 and 0.50 <= rows[0]["eval_acc_exact"] <= 0.56, rows[0]["eval_acc_exact"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the warm start, exactly (python -m tasks.exact)
+
+    tb = os.path.join(HERE, "testbed")
+    tok, held = AutoTokenizer.from_pretrained(f"{tb}/model"), data.load_prompts(f"{tb}/heldout.jsonl", "prompt", "answer")
+    lm = AutoModelForCausalLM.from_pretrained(f"{tb}/model").eval()
+    start = exact.exact_accuracy(lm, tok, [tok(r["prompt"]).input_ids for r in held], [r["answer"] for r in held], 6, 1.0,
+                                 "cpu")[0].mean()
+    assert rows[0]["step"] == 0 and 0.50 <= start <= 0.56, start
     assert rows[-1]["step"] == 250 and lo <= rows[-1]["eval_acc"] <= hi, rows[-1]["eval_acc"]
     assert f"done: step 250, held-out accuracy {rows[-1]['eval_acc']:.3f}" in p.stdout
 
@@ -1388,15 +1395,15 @@ def test_a_run_that_keeps_failing_stops_and_keeps_its_last_good_checkpoint(small
 
 # -------------------------------------- distributed.py: 1 vs 2 processes, FSDP2, a dead rank, teardown
 
-def one_and_two_processes(tmp_path, args):
-    """Run train.py with `args` (out_dir given as X) in one process and under torchrun with two;
-    returns both runs' metrics and the 2-process run's stderr."""
+def one_and_two_processes(tmp_path, args, entry=("train.py",)):
+    """Run train.py (or entry, e.g. the harness's `-m experiments.run`) with `args` (out_dir given as X) in one
+    process and under torchrun with two; returns both runs' metrics and the 2-process run's stderr."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "train.py", *[a.replace("=X", "=" + one) for a in args]],
+    subprocess.run([sys.executable, *entry, *[a.replace("=X", "=" + one) for a in args]],
                    cwd=HERE, env=env, check=True, capture_output=True)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *[a.replace("=X", "=" + two) for a in args]],
+                        *entry, *[a.replace("=X", "=" + two) for a in args]],
                        cwd=HERE, env=env, capture_output=True, text=True)
     assert p.returncode == 0, "\n".join(l for l in p.stderr.splitlines() if "it/s" not in l)[-6000:]
     return read_metrics(one), read_metrics(two), p.stderr
@@ -1435,7 +1442,7 @@ def test_oracle_two_processes_agree_with_one(small_testbed, tmp_path):
     """Exact accuracies are sharded over ranks and gathered: every rank, and the 1-process run, choose the
     same prompts (until a sampled token flips, as for every run)."""
     a, b, stderr = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
-                                                            select="oracle", exact_metrics="on"))
+                                                            select="oracle", exact_metrics="on"), ("-m", "experiments.run"))
     assert "ranks disagree" not in stderr
     flip = first_flip(a, b)
     assert flip != 0
@@ -1451,7 +1458,8 @@ def test_dynamic_sampling_two_processes_agree_with_one(small_testbed, tmp_path):
     """Dynamic sampling gathers every rank's groups, filters them and re-shards the kept ones: the update
     must not depend on the number of ranks."""
     a, b, _ = one_and_two_processes(tmp_path, run_args(small_testbed, "X", max_steps=3, eval_every=3, algo="grpo",
-                                                       dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4))
+                                                       dynamic_sampling="true", prompts_per_step=8, group_size=8, lr=1e-4),
+                                    ("-m", "experiments.run"))
     flip = first_flip(a, b)
     assert flip != 0
     steps = [(ra, rb) for ra, rb in zip(a, b) if flip is None or ra["step"] < flip]
@@ -2109,7 +2117,7 @@ def test_zphi_replay_reproduces_the_runs_head_from_its_record(algo_runs, name):
 
 
 def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
-    """experiments/smollm2_study.sh copies a finished run's record (the three files the table reads, no
+    """experiments/smollm2_study.sh copies a finished run's record (the four files the table reads, no
     checkpoint) into RECORDS at once, skips a run that has a record without training it, and builds the
     table from the records alone."""
     out, records, results = tmp_path / "runs", tmp_path / "results" / "runs", tmp_path / "results"
@@ -2120,14 +2128,16 @@ def test_smollm2_study_records_finished_runs_and_skips_recorded_ones(tmp_path):
     heldout.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
                                for i, lv in enumerate(["easy", "easy", "hard", "hard"])))
     (out / "grpo_s0" / "config.json").write_text(json.dumps({"eval_data": str(heldout)}))
+    (out / "grpo_s0" / "lab.json").write_text(json.dumps({"method": "grpo", "algo": "grpo"}))
     records.mkdir(parents=True)
     fake_run(records, "paced_s0", [0.2, 0.35, 0.45])  # recorded, absent from OUT: training it would fail here
     env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "ONLY": "grpo paced", "SEEDS": "0", "PYTHON": sys.executable}
     p = subprocess.run(["bash", "experiments/smollm2_study.sh"], cwd=HERE, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "== paced_s0: recorded in" in p.stdout and "skipped" in p.stdout
-    assert sorted(os.listdir(records / "grpo_s0")) == ["config.json", "heldout_final.json", "levels.json", "metrics.jsonl"]
-    for f in ("config.json", "heldout_final.json", "metrics.jsonl"):
+    assert sorted(os.listdir(records / "grpo_s0")) == ["config.json", "heldout_final.json", "lab.json", "levels.json",
+                                                       "metrics.jsonl"]
+    for f in ("config.json", "lab.json", "heldout_final.json", "metrics.jsonl"):
         assert (records / "grpo_s0" / f).read_bytes() == (out / "grpo_s0" / f).read_bytes()
     assert json.loads((records / "grpo_s0" / "levels.json").read_text()) == {"eval_data": ["easy", "easy", "hard", "hard"]}
     assert not (out / "paced_s0").exists() and not list(records.glob("*.tmp"))

@@ -27,7 +27,6 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from sandbox import SandboxLimits, run_sandboxed
 
 
 def _checked(fn, *args, **kwargs):
@@ -60,44 +59,6 @@ def testbed_reward(response: str, answer) -> float:
 # ----------------------------------------------------------------------------- code
 
 
-def extract_code(response: str):
-    """The last fenced code block (```python ... ``` or ``` ... ```), or None."""
-    blocks = re.findall(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", response, re.DOTALL | re.IGNORECASE)
-    return blocks[-1] if blocks else None
-
-
-def _same(a, b) -> bool:
-    """Equality of JSON-like values, floats up to 1e-6 relative."""
-    if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b
-
-
-def _lines(text: str):
-    return [l.rstrip() for l in text.strip().splitlines()]
-
-
-def run_test(program: str, test: dict, limits: SandboxLimits = SandboxLimits()) -> bool:
-    if "fn_name" in test:
-        marker = "@@PACED_RESULT@@"
-        args = test["input"] if isinstance(test["input"], list) else [test["input"]]
-        out, timed_out = run_sandboxed(program, {"mode": "call", "fn_name": test["fn_name"], "args": args,
-                                                 "marker": marker}, limits)
-        if timed_out or marker not in out:
-            return False
-        try:
-            got = json.loads(out.rsplit(marker, 1)[1].strip().splitlines()[0])
-        except (ValueError, IndexError):
-            return False
-        return _same(got, json.loads(json.dumps(test["output"])))
-    out, timed_out = run_sandboxed(program, {"mode": "stdio", "stdin": str(test["input"])}, limits)
-    return not timed_out and _lines(out) == _lines(str(test["output"]))
-
-
 def parse_tests(tests) -> list:
     """Tests as a list of dicts (a JSON string is decoded); raises ValueError naming what is wrong."""
     if isinstance(tests, str):
@@ -111,20 +72,12 @@ def parse_tests(tests) -> list:
 
 
 @total
-def code_reward(response: str, tests, all_or_nothing: bool = False, limits: SandboxLimits = SandboxLimits()) -> float:
-    """Fraction of tests passed by the response's last fenced Python block (0 without one).
-    all_or_nothing: 1.0 only if every test passes (stops at the first failure)."""
-    tests = parse_tests(tests)
-    program = extract_code(response)
-    if program is None:
-        return 0.0
-    passed = 0
-    for t in tests:
-        ok = run_test(program, t, limits)
-        passed += ok
-        if all_or_nothing and not ok:
-            return 0.0
-    return passed / len(tests)
+def code_reward(response: str, tests, all_or_nothing: bool = False, limits=None) -> float:
+    """Fraction of tests passed by the response's last fenced Python block (0 without one), each test run in a
+    fresh sandboxed process (sandbox.py, imported on first use). all_or_nothing: 1.0 only if every test passes."""
+    import sandbox
+
+    return sandbox.code_score(response, parse_tests(tests), all_or_nothing, limits or sandbox.SandboxLimits())
 
 
 # ----------------------------------------------------------------------------- math answers

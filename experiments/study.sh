@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where difficulty scheduling pays (RESULTS.md, "The scheduling study"): every difficulty regime × the methods
-# of methods.py's `study` group × 3 seeds on the bundled testbed, the larger pool in `high`, and the Z_φ
+# of experiments/methods.py's `study` group × 3 seeds on the bundled testbed, the larger pool in `high`, and the Z_φ
 # variants (group `study_zphi`) in `mid` and `high`; then results/study_table.md and results/study_savings.png.
 #   bash experiments/study.sh                                                  # the whole study
 #   REGIMES="high" SEEDS="0" NO_ZPHI=1 bash experiments/study.sh --max_steps=50   # a part; extra arguments go to every run
@@ -13,7 +13,7 @@ declare -A POOL=([base]=64 [mid]=128 [high]=256)  # candidates per step: a few �
 COMMON="--exact_metrics=on --quality_every=5 --eval_every=25 --eval_samples=8"
 for r in ${REGIMES:-base mid high}; do
   # shellcheck disable=SC2086
-  ONLY="$($PY methods.py study)" OUT="$ROOT/$r" bash experiments/compare.sh --regime="$r" --pool_size="${POOL[$r]}" $COMMON "$@"
+  ONLY="$($PY -m experiments.methods study)" OUT="$ROOT/$r" bash experiments/compare.sh --regime="$r" --pool_size="${POOL[$r]}" $COMMON "$@"
 done
 # the effect of the pool: the high regime with 4 × its pool, for the oracle and PACED-RL
 # shellcheck disable=SC2086
@@ -22,7 +22,7 @@ ONLY="tb_oracle paced" OUT="$ROOT/high_pool1024" bash experiments/compare.sh --r
 if [ -z "${NO_ZPHI:-}" ]; then
   for r in mid high; do
     # shellcheck disable=SC2086
-    ONLY="$($PY methods.py study_zphi)" OUT="$ROOT/${r}_zphi" bash experiments/compare.sh --regime="$r" --pool_size="${POOL[$r]}" $COMMON "$@"
+    ONLY="$($PY -m experiments.methods study_zphi)" OUT="$ROOT/${r}_zphi" bash experiments/compare.sh --regime="$r" --pool_size="${POOL[$r]}" $COMMON "$@"
   done
 fi
 $PY -m experiments.study --root="$ROOT" --out="${OUT:-results}"
