@@ -25,6 +25,7 @@ import data
 import distributed
 import eval as eval_lib
 import lm as lm_lib
+import math_worker
 import metrics
 import paced_rl
 import replay
@@ -220,7 +221,7 @@ def test_logz_head_recovers_from_zero_rewards_at_a_real_models_width():
     """The failure seen on SmolLM2 (RESULTS.md: Z_φ saturated at p̂ = 0 within three steps): 576-wide features and
     a run of all-zero rewards. With the defaults' learning rates (logz_lr, logz_lr_fan_in) p̂ never saturates on
     the prompts it is asked about and, once rewards are mixed, learns the accuracies (r > 0.8, mean error < 0.15);
-    one Adam learning rate of 1e-2 for every layer, as before, does not (seed 0: r −0.02, error 0.26, p̂ saturated on every
+    one Adam learning rate of 1e-2 for every layer (logz_lr_fan_in=0) does not (seed 0: r −0.02, error 0.26, p̂ saturated on every
     step from step 16 on)."""
     cfg = config.Config()
     for seed in (0, 1, 2):
@@ -645,7 +646,7 @@ def test_math_reward_malformed_and_hanging_input():
     assert verify.last_boxed("\\boxed{\\frac{1}{2}") is None and verify.last_boxed("a \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     for fn in (verify.math_reward, verify.boxed_math_reward):  # a reference that does not parse: 0, and counted
         assert verify.score(fn, ["\\boxed{3}", "\\boxed{4}"], ["$$", "4"]) == ([0.0, 1.0], 1)
-    worker = verify.TimeoutWorker(timeout_s=1.0)
+    worker = math_worker.TimeoutWorker(timeout_s=1.0)
     hang = "\\boxed{" + "(" * 1500 + "1" + ")" * 1500 + "}"  # sympy takes many seconds on this
     t0 = __import__("time").time()
     r, err = verify.score(worker, [hang, "\\boxed{2}"], ["1", "2"], workers=2)  # from threads, too
@@ -660,7 +661,7 @@ HOSTILE = ["\\boxed{2^{2^{2^{2^{2^{2^{99}}}}}}}", "\\boxed{" + "(" * 5000, "", "
 def test_reward_functions_are_total(monkeypatch):
     """Every public reward function, called on its own as TRL or verl would call it, returns a number in
     [0, 1] for any string within its time limit and never raises; `score` still counts the faults."""
-    monkeypatch.setattr(verify._math_worker, "timeout_s", 1.0)
+    monkeypatch.setattr(verify.shared_worker(), "timeout_s", 1.0)
     calls = [(verify.math_reward, "1"), (verify.testbed_reward, "1"), (verify.code_reward, [{"input": "", "output": "1"}]),
              (verify.code_reward, "not json"), (verify.testbed_reward, None)]
     for fn, answer in calls:
@@ -2295,13 +2296,14 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 # ------------------------------------------------------------------------------------------ the layout
 
 # What each module of the project imports of the project: the tree the README draws. The method's files import
-# nothing of ours but the LM plumbing (lm.py) and each other's helpers (verify.py its sandbox); the loop's parts
+# nothing of ours but the LM plumbing (lm.py) and each other's helpers (verify.py its math worker and code sandbox,
+# imported on first use); the loop's parts
 # import the method; train.py imports the parts and eval.py, and its entry point (main) the bundled tasks, for their
 # presets and the testbed check; tasks/ import the pieces they score with; experiments/ import anything, and nothing
 # imports them.
 IMPORTS = {
     "lm": [], "paced_rl": ["distributed", "lm"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [],
-    "verify": ["sandbox"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
+    "verify": ["math_worker", "sandbox"], "math_worker": ["verify"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
     "data": ["verify"], "rollout": ["distributed", "lm", "verify"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "tasks", "verify"],
     "train": ["checkpoint", "config", "data", "distributed", "eval", "lm", "metrics", "paced_rl", "replay", "rollout",

@@ -8,7 +8,8 @@ a result that is not a finite number in [0, 1]) gives reward 0. Their raising fo
 function the same way.
 
 - `testbed_reward`: the bundled task (tasks/testbed.py): exact match of the reversed digits of a+b.
-- `math_reward`: math answers by math-verify (boxed answer first), in a worker process with a timeout.
+- `math_reward`: math answers by math-verify (boxed answer first), in a worker process with a timeout
+  (math_worker.py).
 - `boxed_math_reward`: the same, but only a final `\\boxed{}` answer counts (no box: 0); its
   `has_answer` is the format check behind the `format_rate` metrics.
 - `code_reward`: runs the last fenced Python block of a response against test cases, each in a fresh
@@ -19,12 +20,7 @@ function the same way.
 import functools
 import json
 import math
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -99,80 +95,17 @@ def last_boxed(text: str):
     return None  # unbalanced: no answer
 
 
-def _math_impl(response: str, answer: str) -> float:
-    """math-verify's parse and verify, boxed answer first; runs inside the worker process."""
-    from math_verify import parse, verify
-
-    gold = parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=None)
-    boxed = last_boxed(response)
-    pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else response, parsing_timeout=None)
-    if not gold:  # the reference itself does not parse: reward 0, counted as a verifier error (score)
-        raise ValueError(f"the reference answer {answer!r:.80} does not parse")
-    if not pred:
-        return 0.0
-    return float(verify(gold, pred, timeout_seconds=None))  # gold first: the order matters
+_worker = None
 
 
-_WORKER = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import verify
-import math_verify  # the slow import happens before "ready", so it does not count against a call's time
-print("ready", flush=True)
-for line in sys.stdin:
-    job = json.loads(line)
-    try:
-        out = {"reward": verify._math_impl(job["response"], job["answer"])}
-    except BaseException as e:  # math-verify's timeout error is a BaseException
-        out = {"error": f"{type(e).__name__}: {e}"[:300]}
-    print(json.dumps(out), flush=True)
-"""
+def shared_worker():
+    """The math verifiers' worker process (math_worker.py: math-verify with a timeout), started on first use."""
+    global _worker
+    if _worker is None:
+        import math_worker
 
-
-class TimeoutWorker:
-    """A persistent worker process for math verification with a per-call timeout. A call past its time
-    kills the worker (a fresh one starts on the next call) and raises TimeoutError. Unlike math-verify's
-    own timeout (signal.alarm), this works in any thread, and a crash inside sympy cannot take the
-    trainer down."""
-
-    def __init__(self, timeout_s: float = 5.0, start_timeout_s: float = 120.0):
-        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
-        self.proc, self.lock = None, threading.Lock()
-
-    def _readline(self, timeout):
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline() if ready else None
-
-    def _start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, os.path.dirname(os.path.abspath(__file__))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        if (self._readline(self.start_timeout_s) or "").strip() != "ready":
-            self.close()
-            raise RuntimeError("math verifier worker did not start (is math-verify installed? pip install math-verify)")
-
-    def close(self):
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def __call__(self, response: str, answer: str) -> float:
-        with self.lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
-            self.proc.stdin.write(json.dumps({"response": response, "answer": answer}) + "\n")
-            self.proc.stdin.flush()
-            line = self._readline(self.timeout_s)
-            if line is None or not line:
-                self.close()
-                raise TimeoutError(f"math verification took longer than {self.timeout_s} s (or its worker died)")
-        out = json.loads(line)
-        if "error" in out:
-            raise ValueError(f"math-verify failed: {out['error']}")
-        return out["reward"]
-
-
-_math_worker = TimeoutWorker()
+        _worker = math_worker.TimeoutWorker()
+    return _worker
 
 
 @total
@@ -180,7 +113,7 @@ def math_reward(response: str, answer) -> float:
     """1.0 iff the response's final answer (the last \\boxed{} if any, else the whole text) is
     mathematically equal to the reference, by math-verify. A timeout (5 s) or a failure of math-verify
     gives 0 (math_reward.strict raises them instead)."""
-    return _math_worker(response, str(answer))
+    return shared_worker()(response, str(answer))
 
 
 @total
@@ -189,7 +122,7 @@ def boxed_math_reward(response: str, answer) -> float:
     (math-verify); a response without a \\boxed{} answer gets 0, whatever else it says. The format the
     prompt asks for is the format the reward checks (the smollm2_arith preset)."""
     boxed = last_boxed(response)
-    return 0.0 if boxed is None else _math_worker(f"\\boxed{{{boxed}}}", str(answer))
+    return 0.0 if boxed is None else shared_worker()(f"\\boxed{{{boxed}}}", str(answer))
 
 
 def has_boxed(response: str) -> bool:
