@@ -24,8 +24,8 @@ import torch
 
 from config import Config
 
-# state.pt's layout, raised whenever it changes. 2: the selector's state (its candidate pool included) under "selector".
-STATE_FORMAT = 2
+# state.pt's layout, raised whenever it changes: a checkpoint of another layout is refused, named, not misread.
+STATE_FORMAT = 3
 
 
 def ckpt_dirs(out_dir):
@@ -158,7 +158,7 @@ def load_state(ckpt: str) -> dict:
     if fmt != STATE_FORMAT:
         raise SystemExit(f"resume: {ckpt}/state.pt has format {fmt}; this code reads format {STATE_FORMAT}. "
                          f"Resume it with the version of the code that wrote it.")
-    missing = {"step", "rollouts", "skipped_updates", "seams", "selector", "replay", "replay_rng", "opt", "logz"} - set(st)
+    missing = {"step", "rollouts", "skipped_updates", "seams", "selector", "coverage", "replay", "replay_rng", "opt", "logz"} - set(st)
     if missing:
         raise SystemExit(f"resume: {ckpt}/state.pt lacks {sorted(missing)}: not a checkpoint of this code")
     return st

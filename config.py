@@ -45,6 +45,7 @@ class Config:
     verifier_workers: int = 1  # responses verified at once (the code verifier: concurrent sandboxes)
     testbed_dir: str = "testbed"  # the bundled testbed, checked to be a shipped build if read; "" = none
     max_prompt_tokens: int = 1024  # longer prompts are skipped and counted (paper: 1024)
+    label_fields: str = "level,form"  # row fields naming a prompt's group: each group's chosen share is logged
     # --- rollouts
     prompts_per_step: int = 32  # B, prompts per step over all ranks (divisible by the world size)
     group_size: int = 8  # G, responses per prompt (paper: 8)
@@ -63,7 +64,7 @@ class Config:
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
-    logz_output: str = "sigmoid"  # sigmoid: p̂ kept in [0, 1] | linear: unbounded MLP output
+    logz_output: str = "sigmoid"  # linear (unbounded) | logistic (σ, linear gradient) | sigmoid (paced_rl.py)
     logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
     # --- replay
     replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories
@@ -72,7 +73,7 @@ class Config:
     replay_per_step: int = 16  # replayed samples joining each update (paper: not given)
     replay_anchor: str = "current"  # π_old of a replayed sample: current (this update's) | behavior
     replay_is_clip: float = 1.0  # replayed weight min(clip, π_θold/π_behavior), detached; 0 = no weight
-    replay_trains_logz: bool = False  # whether replayed (correct-only) samples also train Z_φ
+    replay_trains_logz: str = "off"  # replayed samples train Z_φ: off | raw (reward 1) | group (their group's a(x))
     # --- optimization
     lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
     logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM
@@ -80,6 +81,7 @@ class Config:
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (not of Z_φ); 0 = off
     nonfinite_patience: int = 3  # steps in a row skipped for a NaN / inf loss or gradient before a stop
+    starve_warn_steps: int = 10  # warn when a labelled group goes this many steps unobserved; 0 = never
     # --- evaluation, logging, checkpoints
     eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
     eval_samples: int = 32  # samples per held-out prompt at `temperature` (the paper: 32 for AIME)
@@ -155,11 +157,12 @@ RANGES = {
     "tau": "[0, 1]", "explore_frac": "[0, 1]", "pool_size": "[0, inf)", "logz_hidden": "[1, inf)",
     "logz_init_acc": "[0, 1]", "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)",
     "replay_is_clip": "[0, inf)", "lr": "(0, inf)", "logz_lr": "(0, inf)", "logz_lr_fan_in": "[0, inf)",
-    "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "nonfinite_patience": "[1, inf)", "eval_every": "[1, inf)",
+    "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "nonfinite_patience": "[1, inf)", "starve_warn_steps": "[0, inf)", "eval_every": "[1, inf)",
     "eval_samples": "[1, inf)", "eval_batch": "[1, inf)", "ckpt_every": "[1, inf)", "keep_ckpts": "[1, inf)",
 }
-CHOICES = {"replay": ("on", "off"), "replay_anchor": ("current", "behavior"), "dtype": ("float32", "bfloat16", "auto"),
-           "logz_output": ("sigmoid", "linear"), "logz_features": ("mean", "mean_last"),
+CHOICES = {"replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
+           "replay_trains_logz": ("off", "raw", "group"), "dtype": ("float32", "bfloat16", "auto"),
+           "logz_output": ("linear", "logistic", "sigmoid"), "logz_features": ("mean", "mean_last"),
            "attn_impl": ("sdpa", "flash_attention_2", "eager")}
 
 

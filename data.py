@@ -8,7 +8,7 @@ max_prompt_tokens are skipped and counted. The held-out file is evaluated, never
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import verify
 
@@ -18,6 +18,7 @@ class Split:
     """One split's prompts, in file order."""
     toks: list  # token ids of each prompt, chat template and suffix applied
     answers: list  # its reference answer, as the verifier takes it
+    labels: dict = field(default_factory=dict)  # {label field: each prompt's value}, for the fields its rows have
 
 
 @dataclass
@@ -45,7 +46,8 @@ def load_tokenizer(path: str):
 def load_data(cfg, log) -> Prompts:
     """The tokenizer, the verifier, and both files loaded, checked, encoded and length-capped."""
     tokenizer = load_tokenizer(cfg.model)
-    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier)
+    label_fields = tuple(f for f in cfg.label_fields.split(",") if f)
+    train_rows = load_prompts(cfg.train_data, cfg.prompt_field, cfg.answer_field, cfg.verifier, label_fields)
     eval_rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field,
                              cfg.eval_answer_field or cfg.answer_field, cfg.verifier)
     overlap = len({r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows})
@@ -56,12 +58,14 @@ def load_data(cfg, log) -> Prompts:
                                        cfg.max_prompt_tokens, cfg.train_data, log)
     eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix, shot),
                                      cfg.max_prompt_tokens, cfg.eval_data, log)
-    return Prompts(tokenizer, verify.get_verifier(cfg.verifier), Split(train_toks, [r["answer"] for r in train_rows]),
+    labels = {f: [r["labels"][f] for r in train_rows] for f in train_rows[0]["labels"]}
+    return Prompts(tokenizer, verify.get_verifier(cfg.verifier), Split(train_toks, [r["answer"] for r in train_rows], labels),
                    Split(eval_toks, [r["answer"] for r in eval_rows]))
 
 
-def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed") -> list:
-    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer'}].
+def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed", label_fields=()) -> list:
+    """Rows of a json / jsonl / parquet file through `datasets`, checked: [{'prompt', 'answer', 'labels'}], labels
+    holding the values of those `label_fields` the file has (as strings; a missing value is "none").
     Every bad row stops the run with an error naming the file, the row and what is wrong."""
     import datasets
 
@@ -74,7 +78,7 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
         except Exception as e:
             raise SystemExit(f"data: {path} is neither a local file nor a data set that could be loaded from the "
                              f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        return check_rows(ds, path, prompt_field, answer_field, verifier)
+        return check_rows(ds, path, prompt_field, answer_field, verifier, label_fields)
     if os.path.getsize(path) == 0:
         raise SystemExit(f"data: {path} is empty")
     if path.endswith(".jsonl"):  # name the line of a malformed record (datasets' own error does not)
@@ -92,10 +96,10 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
         ds = datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as e:
         raise SystemExit(f"data: {path} could not be read as {kind}: {str(e).splitlines()[0][:300]}") from None
-    return check_rows(ds, path, prompt_field, answer_field, verifier)
+    return check_rows(ds, path, prompt_field, answer_field, verifier, label_fields)
 
 
-def check_rows(ds, path, prompt_field, answer_field, verifier) -> list:
+def check_rows(ds, path, prompt_field, answer_field, verifier, label_fields=()) -> list:
     if len(ds) == 0:
         raise SystemExit(f"data: {path} has no rows")
     for f in (prompt_field, answer_field):
@@ -112,7 +116,8 @@ def check_rows(ds, path, prompt_field, answer_field, verifier) -> list:
             a = verify.check_answer(verifier, a)
         except ValueError as e:
             raise SystemExit(f"data: {path} row {i}: field {answer_field!r}: {e}") from None
-        rows.append({"prompt": p, "answer": a})
+        rows.append({"prompt": p, "answer": a, "labels": {f: str(r[f]) if r[f] is not None else "none"
+                                                          for f in label_fields if f in ds.column_names}})
     return rows
 
 

@@ -4,8 +4,8 @@
     python eval.py --model=testbed/model         # any HF model on the run config's held-out data
     python eval.py --preset=paper_math_1.5b --model=<ckpt>/model --eval_data=HuggingFaceH4/aime_2024 --eval_samples=32
 
-train.py calls heldout_metrics at step 0, every `eval_every` steps and at the end. Tables and plots
-across runs are the experiments' (experiments/compare.py).
+During training the same measurement runs at step 0, every `eval_every` steps and at the end
+(rollout.heldout_metrics). Tables and plots across runs are the experiments' (experiments/compare.py).
 
 Reports mean accuracy over `eval_samples` samples per prompt (the paper: 32 for AIME), greedy
 accuracy, pass@k for k = 1, 2, 4, ... up to eval_samples (the unbiased estimator of Chen et al.),
@@ -21,10 +21,8 @@ not sampling luck.
 
 import dataclasses
 import json
-import math
 import os
 import sys
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -34,30 +32,9 @@ import paced_rl
 import verify
 from checkpoint import ckpt_dirs
 from data import Prompts, Split, encode_prompts, load_prompts, load_tokenizer
-from distributed import gather, setup_distributed, teardown
-from metrics import calibration
-from rollout import rollout, seed_of
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 − C(n−c, k)/C(n, k),
-    in exact integer arithmetic and rounded once, so pass@1 is c/n to the last bit."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k: need 0 ≤ c ≤ n and 1 ≤ k ≤ n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
-
-
-def pass_at_ks(n: int, correct) -> dict:
-    """{k: mean pass@k over prompts} for k = 1, 2, 4, ... up to n."""
-    ks = [2 ** i for i in range(int(np.log2(n)) + 1)]
-    return {k: float(np.mean([pass_at_k(n, int(c), k) for c in correct])) for k in ks}
-
-
-def distinct_correct(texts, rewards) -> int:
-    """How many different correct responses (whitespace-normalized) a prompt's samples hold."""
-    return len({" ".join(t.split()) for t, r in zip(texts, rewards) if r == 1.0})
+from distributed import setup_distributed, teardown
+from metrics import calibration, pass_at_ks
+from rollout import sampled_accuracy
 
 
 def reliability_bins(p_hat, acc, bins: int = 10) -> list:
@@ -91,65 +68,6 @@ def plot_reliability(series: dict, path: str, title: str = ""):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-@dataclasses.dataclass
-class Sampled:
-    """Per-prompt results of sampled_accuracy, in prompt order."""
-    acc: np.ndarray  # share of correct samples
-    distinct: np.ndarray  # distinct correct responses
-    formatted: np.ndarray = None  # share of samples with a parseable final answer (verifiers with a format check)
-
-
-@dataclasses.dataclass
-class Heldout:
-    """One evaluation: the metrics row's entries, and the per-prompt values behind them."""
-    row: dict  # eval_acc, eval_pass_at_k, ...
-    per_prompt: dict  # {"samples": n, "acc": [...], "p_hat": [...] or None}; a probe may add its own
-
-
-@torch.no_grad()
-def sampled_accuracy(lm, prompts, split, cfg, ranks, n_samples: int, temperature: float) -> Sampled:
-    """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample) of every prompt of `split`,
-    in order, with the distinct correct responses and (where the verifier has a format check, `has_answer`) the
-    share of well-formed ones; the work is sharded over ranks and gathered."""
-    n = 1 if temperature == 0 else n_samples
-    fn, toks = prompts.verifier, split.toks
-    has_answer = getattr(fn, "has_answer", None)
-    mine = list(range(ranks.rank, len(toks), ranks.world))
-    n_mine = len(mine)
-    mine += [mine[0] if mine else 0] * (-(-len(toks) // ranks.world) - n_mine)  # equal shards: a sharded model needs lockstep
-    recs = []
-    for i in range(0, len(mine), cfg.eval_batch):
-        idx = mine[i:i + cfg.eval_batch]
-        seeds = [seed_of(cfg.seed, 1, j) for j in idx]
-        texts = rollout(lm, prompts.tokenizer, [toks[j] for j in idx], seeds, cfg, n, temperature)[1]
-        for k, j in enumerate(idx):
-            if i + k >= n_mine:
-                break  # padding of this rank's shard: not scored
-            mine_texts = texts[k * n:(k + 1) * n]
-            r, _ = verify.score(fn, mine_texts, [split.answers[j]] * n, cfg.verifier_workers)
-            fmt = sum(map(has_answer, mine_texts)) / n if has_answer else 0.0
-            recs.append((j, sum(r) / n, distinct_correct(mine_texts, r), fmt))
-    recs = sorted(sum(gather(recs, ranks.world), []))
-    col = lambda c: np.array([rec[c] for rec in recs])  # noqa: E731
-    return Sampled(col(1), col(2), col(3) if has_answer else None)
-
-
-def heldout_metrics(lm, prompts, p_hat, cfg, ranks) -> Heldout:
-    """Held-out accuracy over eval_samples samples per prompt, pass@k, the greedy accuracy (eval_greedy), and
-    where the objective has an accuracy estimate (p_hat: p̂ of every held-out prompt, else None) its calibration."""
-    n = cfg.eval_samples
-    res = sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, n, cfg.temperature)
-    acc = res.acc
-    out = {"eval_acc": float(acc.mean()), "eval_pass_at_k": {str(k): v for k, v in pass_at_ks(n, np.rint(acc * n)).items()}}
-    if res.formatted is not None:
-        out["eval_format_rate"] = float(res.formatted.mean())
-    if cfg.eval_greedy:
-        out["eval_acc_greedy"] = float(sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, 1, 0.0).acc.mean())
-    if p_hat is not None:
-        out.update({"eval_" + k: v for k, v in calibration(p_hat, acc).items()})
-    return Heldout(out, {"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()})
 
 
 def model_row(name: str, path: str, state: str, cfg, rows: list, ranks) -> dict:

@@ -5,8 +5,9 @@
 - `LogZHead`: a 3-layer MLP over a frozen prompt embedding e(x), so every prompt of the data set is
   scored without a forward pass of the LLM (paper §4). Our choices where the paper is silent: width
   `logz_hidden`, features standardized with the training set's mean/std, the MLP's output read in
-  accuracy units (log Z = output/β), its output layer zero-initialized with bias p0, so p̂ starts at p0
-  for every prompt and the first selections are effectively uniform. `param_groups` gives each layer an
+  accuracy units (log Z = output/β) through one of three output forms (`logz_output`), its output layer
+  zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections are
+  effectively uniform. `param_groups` gives each layer an
   Adam rate scaled by its fan-in, so a wide real-model embedding does not let one step saturate p̂.
 - `prompt_embeddings` / `frozen_embeddings`: e(x), the mean of the *initial* model's last hidden states
   over the prompt tokens, computed once per run (sharded over ranks) and cached in the run directory.
@@ -26,18 +27,27 @@ from lm import left_pad, position_ids
 
 
 class LogZHead(nn.Module):
-    """log Z_φ(x) = σ(MLP((e(x) − μ) / σ_e)) / β, a scalar per prompt.
+    """log Z_φ(x) = v(MLP((e(x) − μ) / σ_e)) / β, a scalar per prompt; p̂ = β·log Z_φ, clipped to [0, 1] where used.
 
-    The head's output is in accuracy units (it *is* p̂), so Adam's step size reads as "accuracy per
-    step" whatever β is; a raw log Z head would need its learning rate scaled by 1/β. The sigmoid
-    (output="sigmoid", our default) keeps p̂ in [0, 1] for prompts far from those trained on, where a
-    linear output extrapolates; it caps log Z at 1/β, which Proposition 4.1 exceeds only by the KL term.
+    The MLP's output is read in accuracy units, so Adam's step size reads as "accuracy per step" whatever β
+    is; a raw log Z head would need its learning rate scaled by 1/β. How the output u becomes v = β·log Z:
+
+    - output="linear": v = u, unbounded, the paper's function class. The loss sees u as it is; p̂ is u
+      clipped to [0, 1] only where it is used (selection, replay priority, calibration).
+    - output="logistic": v = σ(u) in the forward pass, but the gradient reaching u is that of the linear
+      output, ∝ (p̂ − r): logistic regression's. Same fixed point p̂ = a(x) + β·KL as the sigmoid, and no
+      factor p̂(1 − p̂) that vanishes at 0 and 1, so a prompt driven to p̂ ≈ 0 comes back once it is solved.
+    - output="sigmoid": v = σ(u) with its own gradient ∝ (p̂ − r)·p̂(1 − p̂). It vanishes as p̂ nears 0 or 1:
+      a prompt whose groups were all wrong for a few steps can stay at p̂ ≈ 0 however often it is solved
+      later (`saturation_warning`); kept as a named option.
     """
+
+    OUTPUTS = ("linear", "logistic", "sigmoid")
 
     def __init__(self, dim: int, hidden: int, beta: float, init_acc: float, output: str = "sigmoid"):
         super().__init__()
-        if output not in ("sigmoid", "linear"):
-            raise ValueError(f"LogZHead: output must be 'sigmoid' or 'linear', got {output!r}")
+        if output not in self.OUTPUTS:
+            raise ValueError(f"LogZHead: output must be one of {self.OUTPUTS}, got {output!r}")
         self.beta, self.output = beta, output
         self.register_buffer("mu", torch.zeros(dim))
         self.register_buffer("sigma", torch.ones(dim))
@@ -45,7 +55,7 @@ class LogZHead(nn.Module):
                                  nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)  # all prompts start with the same estimate
         p0 = min(max(init_acc, 1e-4), 1 - 1e-4)
-        nn.init.constant_(self.net[-1].bias, math.log(p0 / (1 - p0)) if output == "sigmoid" else init_acc)
+        nn.init.constant_(self.net[-1].bias, init_acc if output == "linear" else math.log(p0 / (1 - p0)))
 
     def set_normalization(self, emb: torch.Tensor):
         """Standardize features with statistics of the training prompts' embeddings (N, D)."""
@@ -63,18 +73,26 @@ class LogZHead(nn.Module):
                 for m in self.net if isinstance(m, nn.Linear)]
 
     def raw(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        """The MLP's output: p̂'s logit under the sigmoid output, p̂ itself under the linear one (fp32 under amp)."""
+        """The MLP's output u (fp32 under amp): p̂'s logit under the sigmoid and logistic outputs, p̂ under the linear."""
         with torch.autocast(device_type=emb.device.type, enabled=False):
             return self.net((emb.float() - self.mu) / self.sigma).squeeze(-1)
 
+    def value(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
+        """v = β·log Z_φ as the loss takes it: unclipped, with the gradient of the output's form."""
+        u = self.raw(emb)
+        if self.output == "linear":
+            return u
+        if self.output == "sigmoid":
+            return torch.sigmoid(u)
+        return torch.sigmoid(u).detach() + u - u.detach()  # σ(u) forward, the linear output's gradient
+
     def p_hat(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        """p̂ = β·log Z_φ: the estimated accuracy, the MLP's output read in accuracy units."""
-        out = self.raw(emb)
-        return torch.sigmoid(out) if self.output == "sigmoid" else out
+        """p̂: the estimated accuracy where it is used (selection, replay priority), v clipped to [0, 1]."""
+        return self.value(emb).clamp(0.0, 1.0)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N,)
-        """log Z_φ = p̂/β, the scalar the trajectory-balance residual takes."""
-        return self.p_hat(emb) / self.beta
+        """log Z_φ = v/β, the scalar the trajectory-balance residual takes (never clipped)."""
+        return self.value(emb) / self.beta
 
 
 def saturation_warning(p_hat, step: int, eps: float = 1e-3):

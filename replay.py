@@ -10,6 +10,7 @@ Open in the paper; our choices (each a config field in config.py):
 - eviction: when full, the lowest-priority entries leave (ties: the oldest first);
 - drawing: `n` entries without replacement, with probability ∝ priority, from an RNG that every
   rank holds in the same state, so every rank draws the same entries; drawn entries stay;
+- each entry keeps its group's observed accuracy a(x), the target of Z_φ under `replay_trains_logz=group`;
 - the anchor π_old of a replayed sample and whether it trains Z_φ are set in config.py, applied in update.py.
 """
 
@@ -29,7 +30,8 @@ def correct_candidates(prompts, rewards, responses, acc, p_hat, logp_behavior, g
         e = float(estimate_error(acc[k], p_hat[k]))
         for i in range(k * group_size, (k + 1) * group_size):
             if rewards[i] == 1.0:
-                cands.append({"prompt": j, "response": responses[i], "priority": e, "logp_behavior": float(logp_behavior[i])})
+                cands.append({"prompt": j, "response": responses[i], "priority": e, "logp_behavior": float(logp_behavior[i]),
+                              "acc": float(acc[k])})
     return cands
 
 

@@ -3,6 +3,10 @@
 Each prompt's sampling noise is seeded by (run seed, step, prompt), not by rank or batch, so the responses
 do not depend on how the prompts are split over ranks or generation calls. Prompts are generated
 `rollout_batch` at a time, which bounds the KV cache's memory.
+
+The held-out evaluation train() runs every `eval_every` steps is the same sampling and verification on
+the held-out prompts (`heldout_metrics`): sharded over ranks, each prompt's noise seeded by the prompt, so
+two evaluations of the same model see the same noise and differences between checkpoints are not luck.
 """
 
 import time
@@ -12,8 +16,9 @@ import numpy as np
 import torch
 
 import verify
-from distributed import all_sum
+from distributed import all_sum, gather
 from lm import Sampling, Seqs, amp, generate, left_pad, make_generators, response_mask
+from metrics import calibration, distinct_correct, pass_at_ks
 
 
 @dataclass
@@ -97,3 +102,62 @@ def roll_out(lm, prompts, chosen, step: int, cfg, ranks) -> Rollouts:
     """Steps 2-3 as PACED-RL takes them: one round, the B chosen prompts."""
     batch, tally = roll_and_verify(lm, prompts, chosen, step, cfg, ranks)
     return Rollouts(batch, len(chosen), all_sum(float(batch.reward.sum()), ranks.world, ranks.device), None, tally)
+
+
+@dataclass
+class Sampled:
+    """Per-prompt results of sampled_accuracy, in prompt order."""
+    acc: np.ndarray  # share of correct samples
+    distinct: np.ndarray  # distinct correct responses
+    formatted: np.ndarray = None  # share of samples with a parseable final answer (verifiers with a format check)
+
+
+@dataclass
+class Heldout:
+    """One evaluation: the metrics row's entries, and the per-prompt values behind them."""
+    row: dict  # eval_acc, eval_pass_at_k, ...
+    per_prompt: dict  # {"samples": n, "acc": [...], "p_hat": [...] or None}; a probe may add its own
+
+
+@torch.no_grad()
+def sampled_accuracy(lm, prompts, split, cfg, ranks, n_samples: int, temperature: float) -> Sampled:
+    """Per-prompt accuracy over `n_samples` samples (temperature 0: one greedy sample) of every prompt of `split`,
+    in order, with the distinct correct responses and (where the verifier has a format check, `has_answer`) the
+    share of well-formed ones; the work is sharded over ranks and gathered."""
+    n = 1 if temperature == 0 else n_samples
+    fn, toks = prompts.verifier, split.toks
+    has_answer = getattr(fn, "has_answer", None)
+    mine = list(range(ranks.rank, len(toks), ranks.world))
+    n_mine = len(mine)
+    mine += [mine[0] if mine else 0] * (-(-len(toks) // ranks.world) - n_mine)  # equal shards: a sharded model needs lockstep
+    recs = []
+    for i in range(0, len(mine), cfg.eval_batch):
+        idx = mine[i:i + cfg.eval_batch]
+        seeds = [seed_of(cfg.seed, 1, j) for j in idx]
+        texts = rollout(lm, prompts.tokenizer, [toks[j] for j in idx], seeds, cfg, n, temperature)[1]
+        for k, j in enumerate(idx):
+            if i + k >= n_mine:
+                break  # padding of this rank's shard: not scored
+            mine_texts = texts[k * n:(k + 1) * n]
+            r, _ = verify.score(fn, mine_texts, [split.answers[j]] * n, cfg.verifier_workers)
+            fmt = sum(map(has_answer, mine_texts)) / n if has_answer else 0.0
+            recs.append((j, sum(r) / n, distinct_correct(mine_texts, r), fmt))
+    recs = sorted(sum(gather(recs, ranks.world), []))
+    col = lambda c: np.array([rec[c] for rec in recs])  # noqa: E731
+    return Sampled(col(1), col(2), col(3) if has_answer else None)
+
+
+def heldout_metrics(lm, prompts, p_hat, cfg, ranks) -> Heldout:
+    """Held-out accuracy over eval_samples samples per prompt, pass@k, the greedy accuracy (eval_greedy), and
+    where the objective has an accuracy estimate (p_hat: p̂ of every held-out prompt, else None) its calibration."""
+    n = cfg.eval_samples
+    res = sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, n, cfg.temperature)
+    acc = res.acc
+    out = {"eval_acc": float(acc.mean()), "eval_pass_at_k": {str(k): v for k, v in pass_at_ks(n, np.rint(acc * n)).items()}}
+    if res.formatted is not None:
+        out["eval_format_rate"] = float(res.formatted.mean())
+    if cfg.eval_greedy:
+        out["eval_acc_greedy"] = float(sampled_accuracy(lm, prompts, prompts.heldout, cfg, ranks, 1, 0.0).acc.mean())
+    if p_hat is not None:
+        out.update({"eval_" + k: v for k, v in calibration(p_hat, acc).items()})
+    return Heldout(out, {"samples": n, "acc": acc.tolist(), "p_hat": None if p_hat is None else p_hat.tolist()})

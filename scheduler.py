@@ -19,6 +19,11 @@ outcome (PACED-RL needs nothing from it: Z_φ learns through the loss) and retur
 `state_dict` is checkpointed. The research harness's selectors (uniform, history, ...) have the same
 methods. Every rank holds the same pool RNG and the same Z_φ weights, so every rank selects the same
 prompts.
+
+`Coverage` watches what greedy selection can hide: where the rows name a group (a difficulty level, a
+phrasing), a wrong estimate can keep a whole group out of the batches, and an estimate that is never
+shown its group again is never corrected. The loop logs each group's chosen share and warns when one
+has gone unobserved for a while.
 """
 
 import numpy as np
@@ -96,3 +101,46 @@ class PacedSelector:
 
     def load_state_dict(self, st):
         self.pool.load_state_dict(st["pool"])
+
+
+class Coverage:
+    """Each labelled group's share of the chosen prompts, and a warning for a group left unobserved.
+
+    labels: {field: each training prompt's value}, e.g. {"level": [...], "form": ["bare", "word", ...]}; a group
+    is one field=value. observe() returns `chosen_share` {group: share of this step's prompts} (and at step 0
+    `data_share`, the groups' shares of the training set), and one warning per group that has had none of its
+    prompts observed (chosen, or replayed into Z_φ's loss) for `warn_steps` steps; said again only after the
+    group has been seen."""
+
+    def __init__(self, labels: dict, warn_steps: int):
+        self.of = [[f"{f}={v}" for f, v in zip(labels, vals)] for vals in zip(*labels.values())]  # per prompt
+        groups = sorted({g for gs in self.of for g in gs})
+        self.data_share = {g: sum(g in gs for gs in self.of) / len(self.of) for g in groups}
+        self.warn_steps, self.last_seen, self.warned = warn_steps, {g: 0 for g in groups}, []
+
+    def observe(self, step: int, chosen: list, refreshed: list = ()) -> tuple:
+        """(metrics, warnings) of one step: chosen, every rank's prompt indices; refreshed, other prompts whose
+        estimate this step's update trained (replayed into Z_φ's loss)."""
+        if not self.data_share:
+            return {}, []
+        n = max(len(chosen), 1)
+        share = {g: sum(g in self.of[j] for j in chosen) / n for g in self.data_share}
+        for j in list(chosen) + list(refreshed):
+            for g in self.of[j]:
+                self.last_seen[g] = step
+                if g in self.warned:
+                    self.warned.remove(g)
+        said = []
+        for g, seen in self.last_seen.items():
+            if self.warn_steps and step - seen >= self.warn_steps and g not in self.warned:
+                self.warned.append(g)
+                said.append(f"group {g} ({self.data_share[g]:.1%} of the training prompts) has not been observed for "
+                            f"{step - seen} steps: its estimate is not being corrected (raise explore_frac)")
+        return {"chosen_share": share, **({"data_share": self.data_share} if step == 0 else {})}, said
+
+    def state_dict(self):
+        return {"last_seen": dict(self.last_seen), "warned": list(self.warned)}
+
+    def load_state_dict(self, st):
+        self.last_seen.update(st["last_seen"])
+        self.warned = list(st["warned"])

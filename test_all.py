@@ -36,7 +36,7 @@ import tb_loss
 import train
 import update
 import verify
-from experiments import baselines, bench, compare, methods, run as lab_run, selectors, study
+from experiments import baselines, bench, compare, methods, run as lab_run, selectors, study, zphi_replay
 from tasks import exact, smollm2, testbed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -188,7 +188,7 @@ def test_saturated_accuracy_estimate_is_warned():
         assert paced_rl.saturation_warning(fine, 1) is None
 
 
-def train_logz_alone(D, lr, ref_fan_in, zero_steps=3, steps=40, seed=0):
+def train_logz_alone(D, lr, ref_fan_in, zero_steps=3, steps=40, seed=0, output=None):
     """Z_φ alone under the TB loss at θ = θ_old (logp = anchor) with the loop's AdamW groups: 600 prompts whose D
     features are correlated and unequally scaled like a real model's (SmolLM2: 576), mostly hard prompts, 8 of
     them × 8 rewards a step: `zero_steps` steps of all-zero rewards, then rewards drawn at the true accuracies.
@@ -199,7 +199,7 @@ def train_logz_alone(D, lr, ref_fan_in, zero_steps=3, steps=40, seed=0):
     emb = emb * torch.rand(D, generator=g) * 3 + torch.randn(D, generator=g) * 5
     acc = torch.sigmoid(2 * z[:, 0] - 1.5)
     torch.manual_seed(seed)
-    head = paced_rl.LogZHead(D, 256, 0.05, 0.5)
+    head = paced_rl.LogZHead(D, 256, 0.05, 0.5, output or config.Config().logz_output)
     head.set_normalization(emb)
     opt = torch.optim.AdamW(head.param_groups(lr, ref_fan_in))
     seen = []
@@ -228,9 +228,52 @@ def test_logz_head_recovers_from_zero_rewards_at_a_real_models_width():
         seen, p, a = train_logz_alone(576, cfg.logz_lr, cfg.logz_lr_fan_in, seed=seed)
         assert all(paced_rl.saturation_warning(s, t) is None for t, s in enumerate(seen)), seed
         assert np.corrcoef(p, a)[0, 1] > 0.8 and np.abs(p - a).mean() < 0.15, (seed, np.corrcoef(p, a)[0, 1], np.abs(p - a).mean())
-    seen, p, a = train_logz_alone(576, 1e-2, 0)  # without the per-layer rule: every layer at 1e-2
+    seen, p, a = train_logz_alone(576, 1e-2, 0, output="sigmoid")  # without the per-layer rule: every layer at 1e-2
     assert np.corrcoef(p, a)[0, 1] < 0.7 and np.abs(p - a).mean() > 0.2
     assert paced_rl.saturation_warning(seen[-1], 39) is not None
+
+
+def test_a_trapped_prompt_comes_back():
+    """The trap of the SmolLM2 study, in isolation (experiments.zphi_replay.trap): two clusters of 64 prompts with
+    576-wide features, a head of width 1024, uniform choice; cluster 0 all wrong for 3 steps, then at accuracy 0.6.
+    With the default head its mean p̂ climbs above 0.3 within 10 steps of the switch (by step 13) on every seed.
+    The sigmoid output at the same step size stays at 0 on seed 0 to the end: its gradient ∝ p̂(1 − p̂) vanished."""
+    cfg = config.Config()
+    for seed in (0, 1, 2):
+        h = zphi_replay.trap(cfg.logz_output, cfg.logz_lr, cfg.logz_lr_fan_in, 0.5, seed)
+        assert h[2][0] < 0.3 and max(c0 for c0, _ in h[3:14]) > 0.3, (seed, [round(c0, 2) for c0, _ in h[:14]])
+    h = zphi_replay.trap("sigmoid", 1e-2, 96, 0.5, 0)
+    assert max(c0 for c0, _ in h[3:]) < 1e-3
+
+
+def test_logz_head_output_forms():
+    """linear: the loss sees the unbounded output, p̂ is it clipped to [0, 1]; logistic: the sigmoid's values with the
+    linear output's gradient (no factor p̂(1 − p̂)); sigmoid: its own gradient. All start at p0 on every prompt."""
+    emb = torch.randn(5, 6)
+    heads = {}
+    for out in paced_rl.LogZHead.OUTPUTS:
+        torch.manual_seed(0)
+        heads[out] = h = paced_rl.LogZHead(6, 8, 0.05, 0.3, out)
+        assert torch.allclose(h.p_hat(emb), torch.full((5,), 0.3)), out
+    for h in heads.values():  # the same MLP (same init seed) with a non-zero output layer, centred at 0.5
+        torch.manual_seed(1)
+        torch.nn.init.normal_(h.net[-1].weight, std=30.0)
+        h.net[-1].bias.data.zero_()
+        h.net[-1].bias.data.fill_(0.5 - h.raw(emb).mean().item())
+    u = heads["linear"].raw(emb).detach()
+    assert (u < 0).any() and (u > 1).any()  # outside [0, 1], where clipping matters
+    assert torch.equal(heads["linear"](emb), u / 0.05) and torch.equal(heads["linear"].p_hat(emb), u.clamp(0, 1))
+    s = torch.sigmoid(heads["sigmoid"].raw(emb).detach())
+    assert torch.allclose(heads["logistic"](emb), s / 0.05) and torch.allclose(heads["sigmoid"](emb), s / 0.05)
+    grads = {}
+    for out, h in heads.items():
+        h.zero_grad()
+        h(emb).sum().backward()
+        grads[out] = h.net[-1].bias.grad.item()
+    assert grads["logistic"] == pytest.approx(grads["linear"]) == pytest.approx(5 / 0.05)
+    assert grads["sigmoid"] == pytest.approx(float((s * (1 - s)).sum()) / 0.05)
+    with pytest.raises(ValueError, match="output must be one of"):
+        paced_rl.LogZHead(6, 8, 0.05, 0.3, "tanh")
 
 
 # ---------------------------------- lm.py: padding, generation, log-probs, the chunked head, the shared prefix
@@ -558,10 +601,60 @@ def test_selector_chooses_uniformly_or_nearest_tau_from_the_pool():
     assert len(set(first.tolist()) | set(sel.choose(1).tolist())) == 4  # the next pool: no prompt repeated in an epoch
 
 
+def test_coverage_logs_chosen_shares_and_warns_once_per_unobserved_group():
+    cov = scheduler.Coverage({"level": ["a", "a", "b", "b"], "form": ["x", "y", "x", "x"]}, warn_steps=2)
+    m, said = cov.observe(0, [0, 1])
+    assert m == {"chosen_share": {"form=x": 0.5, "form=y": 0.5, "level=a": 1.0, "level=b": 0.0},
+                 "data_share": {"form=x": 0.75, "form=y": 0.25, "level=a": 0.5, "level=b": 0.5}} and said == []
+    assert cov.observe(1, [0]) == ({"chosen_share": {"form=x": 1.0, "form=y": 0.0, "level=a": 1.0, "level=b": 0.0}}, [])
+    said = cov.observe(2, [0])[1]
+    assert len(said) == 2 and "group form=y (25.0% of the training prompts) has not been observed for 2 steps" in said[0]
+    assert "group level=b" in said[1]
+    assert cov.observe(3, [0])[1] == []  # said once
+    st = copy.deepcopy(cov.state_dict())
+    assert cov.observe(4, [2], refreshed=[1])[1] == []  # level=b chosen, form=y refreshed through replay
+    assert cov.observe(5, [0])[1] == []
+    said = cov.observe(6, [0])[1]
+    assert [w.split(" (")[0] for w in said] == ["group form=y", "group level=b"]  # unobserved again: said again
+    again = scheduler.Coverage({"level": ["a", "a", "b", "b"], "form": ["x", "y", "x", "x"]}, warn_steps=2)
+    again.load_state_dict(st)
+    assert again.observe(4, [2], refreshed=[1])[1] == [] and again.state_dict() == {"last_seen": {
+        "form=x": 4, "form=y": 4, "level=a": 4, "level=b": 4}, "warned": []}
+    assert scheduler.Coverage({}, 2).observe(9, [1]) == ({}, [])  # rows without labels: nothing logged
+    assert scheduler.Coverage({"level": ["a", "b"]}, 0).observe(50, [0])[1] == []  # warn_steps 0: never
+
+
+def test_a_run_logs_its_labelled_groups_and_resumes_them(small_testbed, tmp_path, capsys):
+    """Rows with a `level` field: every step logs the chosen share of each level (data shares at step 0), a level
+    left unobserved for starve_warn_steps steps is warned, and a resumed run logs what the uninterrupted one did."""
+    rows = [json.loads(line) for line in open(f"{small_testbed}/train.jsonl")]
+    labelled = tmp_path / "train.jsonl"
+    labelled.write_text("".join(json.dumps({**r, "level": "rare" if i == 7 else f"d{len(r['prompt'])}"}) + "\n"
+                                for i, r in enumerate(rows)))
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = dict(train_data=str(labelled), starve_warn_steps=2, max_steps=5, ckpt_every=3, testbed_dir="")
+    train.main(run_args(small_testbed, full, **args))
+    out = capsys.readouterr().out
+    train.main(run_args(small_testbed, part, **{**args, "max_steps": 3}))
+    train.main([f"--resume={part}", "--max_steps=5"])
+    a, b = train_rows(full), train_rows(part)
+    assert [untimed(a[s]) for s in range(5)] == [untimed(b[s]) for s in range(5)]
+    shares = a[0]["data_share"]
+    assert shares["level=rare"] == pytest.approx(1 / len(rows)) and sum(shares.values()) == pytest.approx(1.0)
+    for s in range(5):
+        assert set(a[s]["chosen_share"]) == set(shares) and sum(a[s]["chosen_share"].values()) == pytest.approx(1.0)
+        assert ("data_share" in a[s]) == (s == 0)
+    assert all(a[s]["chosen_share"]["level=rare"] == 0 for s in range(3))  # 1 prompt of 400: never among 4 a step
+    unseen = [g for g in shares if a[1]["chosen_share"][g] == a[2]["chosen_share"][g] == 0]  # last seen at step 0 or never
+    assert "level=rare" in unseen and len(unseen) < len(shares)
+    for g in shares:
+        assert (f"step 2: group {g} (" in out) == (g in unseen), g
+
+
 # ------------------------------------------------------------------------------------------- replay.py
 
 def entry(prompt, prio):
-    return {"prompt": prompt, "response": [prompt, 2], "priority": prio, "logp_behavior": -1.0}
+    return {"prompt": prompt, "response": [prompt, 2], "priority": prio, "logp_behavior": -1.0, "acc": 0.5}
 
 
 def test_replay_add_priority_capacity_eviction():
@@ -580,9 +673,55 @@ def test_replay_estimate_error_and_correct_candidates():
     # two groups of G = 2: only correct samples become candidates, with their prompt's |a − p̂|
     cands = replay.correct_candidates([7, 9], [1.0, 0.0, 1.0, 1.0], [[1], [2], [3], [4, 5]], [0.5, 1.0], [0.25, 0.5],
                                       [-1.0, -2.0, -3.0, -4.0], 2)
-    assert cands == [{"prompt": 7, "response": [1], "priority": 0.25, "logp_behavior": -1.0},
-                     {"prompt": 9, "response": [3], "priority": 0.5, "logp_behavior": -3.0},
-                     {"prompt": 9, "response": [4, 5], "priority": 0.5, "logp_behavior": -4.0}]
+    assert cands == [{"prompt": 7, "response": [1], "priority": 0.25, "logp_behavior": -1.0, "acc": 0.5},
+                     {"prompt": 9, "response": [3], "priority": 0.5, "logp_behavior": -3.0, "acc": 1.0},
+                     {"prompt": 9, "response": [4, 5], "priority": 0.5, "logp_behavior": -4.0, "acc": 1.0}]
+
+
+def replay_loss_grads(tiny, mode):
+    """(loss, the head's gradients, the LM's gradients) of PacedObjective.loss on two replayed samples under
+    replay_trains_logz=mode (anchor: the current policy, no importance weight)."""
+    lm, tok = tiny
+    cfg = config.Config(replay_trains_logz=mode, replay_is_clip=0.0, replay_anchor="current")
+    torch.manual_seed(0)
+    emb = torch.randn(3, 4)
+    run = type("R", (), {"cfg": cfg, "embeddings": lambda self: (emb, emb)})()
+    obj = update.PacedObjective(run)
+    head = obj.head(lm)
+    with torch.no_grad():
+        head.net[-1].weight.normal_()  # prompts at different estimates
+    model = update.Model(paced_rl.Policy(lm, head), None, [], None)
+    seqs = lm_lib.Seqs(*lm_lib.left_pad([tok("1+2=").input_ids, tok("3+4=").input_ids], tok.pad_token_id),
+                       *lm_lib.right_pad([tok("3").input_ids, tok("7").input_ids], tok.pad_token_id))
+    s = update.Samples(seqs, torch.tensor([0, 2]), torch.ones(2), behavior=torch.tensor([-1.0, -2.0]),
+                       target=torch.tensor([0.25, 0.75]))
+    lm.zero_grad()
+    head.zero_grad()
+    loss, _ = obj.loss(model, s, 2.0)
+    loss.backward()
+    grads = lambda m: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in m.parameters()]  # noqa: E731
+    got = grads(head), grads(lm)
+    head.zero_grad()  # the reference for Z_φ: Σ (log Z − t/β)² / 2 with t = 1 (raw) or the group's a (group)
+    target = torch.ones(2) if mode == "raw" else s.target
+    ((head(emb[[0, 2]]) - target / cfg.beta) ** 2).sum().div(2).backward()
+    return loss, got[0], got[1], head(emb[[0, 2]]).detach(), grads(head)
+
+
+def test_replay_trains_logz_off_raw_and_with_the_groups_accuracy(tiny):
+    """off: replayed samples train θ only; raw: Z_φ too, toward reward 1; group: Z_φ toward the group's accuracy
+    a(x) stored with the sample (θ still with reward 1). θ's gradient is the same in all three."""
+    off, raw, grp = (replay_loss_grads(tiny, m) for m in ("off", "raw", "group"))
+    beta = config.Config().beta
+    log_z = off[3]
+    assert off[0].item() == pytest.approx(((log_z - 1 / beta) ** 2).sum().item() / 2, rel=1e-5)
+    assert grp[0].item() == pytest.approx((((log_z - 1 / beta) ** 2).sum() + ((log_z - torch.tensor([0.25, 0.75]) / beta) ** 2).sum()).item() / 2, rel=1e-5)
+    assert all(not g.any() for g in off[1])  # off: no gradient reaches Z_φ
+    for a, b, c in zip(off[2], raw[2], grp[2]):  # θ's gradient: the same in every mode
+        assert torch.allclose(a, b) and torch.allclose(a, c, atol=1e-6)
+    for res in (raw, grp):  # Z_φ's gradient: that of Σ (log Z − t/β)² / 2, t = 1 (raw) or the stored a (group)
+        assert any(g.any() for g in res[1])
+        for g, ref in zip(res[1], res[4]):
+            assert torch.allclose(g, ref, rtol=1e-4, atol=1e-4)  # float32 sums of terms near 1/β = 20
 
 
 def test_replay_draw_and_state_round_trip():
@@ -1047,7 +1186,7 @@ def test_cli_errors_and_help(capsys):
         config.parse_args(["--lrr=1"])
     with pytest.raises(SystemExit, match="--lr='fast' is not a valid float"):
         config.parse_args(["--lr=fast"])
-    assert config.parse_args(["--replay_trains_logz=on", "--group_size=4"]) == {"replay_trains_logz": True, "group_size": 4}
+    assert config.parse_args(["--eval_greedy=on", "--group_size=4"]) == {"eval_greedy": True, "group_size": 4}
     with pytest.raises(SystemExit) as e:
         config.parse_args(["--help"])
     assert e.value.code == 0
@@ -1651,7 +1790,7 @@ def test_corrupt_checkpoint_is_named_and_skipped(small_testbed, full_run, tmp_pa
 def test_checkpoint_of_another_format_is_refused_with_the_reason(tmp_path):
     ck = tmp_path / "ckpt_000002"
     ck.mkdir()
-    base = {"step": 2, "rollouts": 32, "skipped_updates": 0, "seams": {}, "selector": {}, "replay": {}, "replay_rng": {}, "opt": {},
+    base = {"step": 2, "rollouts": 32, "skipped_updates": 0, "seams": {}, "selector": {}, "coverage": {}, "replay": {}, "replay_rng": {}, "opt": {},
             "logz": None, "format": checkpoint.STATE_FORMAT}
     torch.save(base, ck / "state.pt")
     assert checkpoint.load_state(str(ck))["step"] == 2
@@ -1758,14 +1897,14 @@ def test_pass_at_k_against_brute_force():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(range(n), k))
                 brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-                assert eval_lib.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
-    assert eval_lib.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
+                assert metrics.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert metrics.pass_at_ks(4, [0, 4, 2]) == pytest.approx({1: 0.5, 2: (0 + 1 + 5 / 6) / 3, 4: 2 / 3})
     with pytest.raises(ValueError, match="need 0 ≤ c ≤ n"):
-        eval_lib.pass_at_k(4, 5, 1)
+        metrics.pass_at_k(4, 5, 1)
 
 
 def test_distinct_correct_and_rollouts_to_reach():
-    assert eval_lib.distinct_correct(["x = 1", "x  = 1", "y", "x=1", "z"], [1.0, 1.0, 0.0, 1.0, 0.0]) == 2
+    assert metrics.distinct_correct(["x = 1", "x  = 1", "y", "x=1", "z"], [1.0, 1.0, 0.0, 1.0, 0.0]) == 2
     rows = [{"step": 0, "eval_acc": 0.5, "rollouts": 10, "loss": 1.0}, {"step": 1, "rollouts": 20, "loss": 1.0},
             {"step": 2, "eval_acc": 0.7, "rollouts": 30, "loss": 1.0}, {"step": 3, "rollouts": 40, "loss": 1.0},
             {"step": 4, "eval_acc": 0.8, "rollouts": 40}]
@@ -2094,6 +2233,26 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert compare.compare(str(tmp_path), str(tmp_path / "out4")).count("| none (1 seed) |") == 1
 
 
+def test_chosen_shares_from_logged_rows_and_from_a_records_groups(tmp_path):
+    """The study table's starvation line: each method's chosen share per labelled group against the data's, from the
+    logged `chosen_share` rows, or rebuilt from a record's `groups` and its training rows' level / form."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": "ab"[i % 2], "form": "xxy"[i % 3]}) + "\n"
+                            for i in range(6)))
+    logged = {"config": {}, "levels": {}, "rows": [
+        {"step": 0, "chosen_share": {"level=a": 1.0, "level=b": 0.0}, "data_share": {"level=a": 0.5, "level=b": 0.5}},
+        {"step": 1, "chosen_share": {"level=a": 0.5, "level=b": 0.5}}]}
+    record = {"config": {"train_data": str(data)}, "levels": {}, "rows": [
+        {"step": 0, "groups": [[0, 0.5, 0.5], [2, 0.0, 0.5]]}, {"step": 1, "groups": [[1, 1.0, 0.4], [2, 0.0, 0.1]]}]}
+    assert compare.run_chosen_shares(logged) == ({"level=a": 0.75, "level=b": 0.25}, {"level=a": 0.5, "level=b": 0.5})
+    shares, data_share = compare.run_chosen_shares(record)  # prompts 0, 2 then 1, 2: levels a a, b a; forms x y, x y
+    assert shares == {"form=x": 0.5, "form=y": 0.5, "level=a": 0.75, "level=b": 0.25}
+    assert data_share == pytest.approx({"form=x": 2 / 3, "form=y": 1 / 3, "level=a": 0.5, "level=b": 0.5})
+    lines = compare.chosen_shares({"paced": [record, record], "grpo": [{"config": {}, "levels": {}, "rows": []}]})
+    assert lines[-2:] == ["| the data | 0.67 | 0.33 | 0.50 | 0.50 |", "| paced | 0.50 | 0.50 | 0.75 | 0.25 |"]
+    assert compare.chosen_shares({"grpo": [{"config": {}, "levels": {}, "rows": []}]}) == []
+
+
 @pytest.mark.parametrize("name", ["paced", "paced_replay_only"])
 def test_zphi_replay_reproduces_the_runs_head_from_its_record(algo_runs, name):
     """experiments/zphi_replay.py retrains Z_φ from a run's logged groups alone: with the run's own settings it
@@ -2298,15 +2457,15 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 # What each module of the project imports of the project: the tree the README draws. The method's files import
 # nothing of ours but the LM plumbing (lm.py) and each other's helpers (verify.py its math worker and code sandbox,
 # imported on first use); the loop's parts
-# import the method; train.py imports the parts and eval.py, and its entry point (main) the bundled tasks, for their
+# import the method; train.py imports the parts, and its entry point (main) the bundled tasks, for their
 # presets and the testbed check; tasks/ import the pieces they score with; experiments/ import anything, and nothing
 # imports them.
 IMPORTS = {
     "lm": [], "paced_rl": ["distributed", "lm"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [],
     "verify": ["math_worker", "sandbox"], "math_worker": ["verify"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
-    "data": ["verify"], "rollout": ["distributed", "lm", "verify"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
+    "data": ["verify"], "rollout": ["distributed", "lm", "metrics", "verify"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "tasks", "verify"],
-    "train": ["checkpoint", "config", "data", "distributed", "eval", "lm", "metrics", "paced_rl", "replay", "rollout",
+    "train": ["checkpoint", "config", "data", "distributed", "lm", "metrics", "paced_rl", "replay", "rollout",
               "scheduler", "tasks", "update"],
     "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
     "tasks.exact": ["distributed", "lm"],

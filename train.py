@@ -37,7 +37,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint as ckpt
-import eval as evaluation
 import lm as lm_lib
 import paced_rl
 import replay as replay_lib
@@ -46,7 +45,7 @@ from config import Config, make_config, parse_args
 from data import Prompts, load_data
 from distributed import Ranks, all_sum, bf16_pays, check_ranks_agree, gather, is_sharded, setup_distributed, teardown
 from metrics import calibration
-from scheduler import PacedSelector
+from scheduler import Coverage, PacedSelector
 from update import Model, PacedObjective, Update, build_model, fresh_samples, kl_sum, logprobs_nograd, optimizer_steps, replayed_samples
 
 
@@ -71,6 +70,7 @@ class Run:
     selector: object = None  # scheduler.PacedSelector, or a harness selector
     buf: replay_lib.ReplayBuffer = None
     replay_rng: np.random.Generator = None
+    coverage: Coverage = None
     progress: Progress = field(default_factory=Progress)
     emb: tuple = None  # (training e(x) on the device, held-out e(x)), computed on first use
 
@@ -136,6 +136,7 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
         run.objective.cfg = cfg
     run.selector = selector(run)
     run.buf = replay_lib.ReplayBuffer(cfg.replay_capacity, cfg.replay_add_k)
+    run.coverage = Coverage(run.prompts.train.labels, cfg.starve_warn_steps)
     run.replay_rng = np.random.default_rng(rollout.seed_of(cfg.seed, 2))
     if start:
         restore(run, ckpt.load_state(start))
@@ -160,6 +161,7 @@ def restore(run: Run, st: dict):
     ckpt.load_opt_state(run.model.policy, run.model.opt, st["opt"], run.cfg)
     run.selector.load_state_dict(st["selector"])
     run.buf.load_state_dict(st["replay"])
+    run.coverage.load_state_dict(st["coverage"])
     run.replay_rng.bit_generator.state = st["replay_rng"]
     if st.get("torch_rng"):  # dropout (in a harness head) draws from it; sampling has its own generators
         rngs = st["torch_rng"]
@@ -178,7 +180,7 @@ def save(run: Run, step: int):
     ckpt.save_checkpoint(run.cfg, run.model, run.prompts.tokenizer, {
         "step": step, "rollouts": p.rollouts, "skipped_updates": p.skipped, "seams": seams_of(run),
         "selector": run.selector.state_dict(),
-        "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state,
+        "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state, "coverage": run.coverage.state_dict(),
         "torch_rng": gather(ckpt.torch_rng_state(ranks.device), ranks.world)}, ranks.rank)
 
 
@@ -189,7 +191,7 @@ def metrics_path(run: Run) -> str:
 def evaluate(run: Run, probes: list, final: bool = False) -> dict:
     """Held-out metrics of the current policy, with each probe's additions; the final one also per prompt on disk."""
     p_hat = run.objective.p_hat(run.model.policy)  # held-out p̂, or None
-    res = evaluation.heldout_metrics(run.model.policy.lm, run.prompts, p_hat, run.cfg, run.ranks)
+    res = rollout.heldout_metrics(run.model.policy.lm, run.prompts, p_hat, run.cfg, run.ranks)
     for probe in probes:
         probe.evaluate(run, res)
     if final and run.ranks.rank == 0:
@@ -304,6 +306,11 @@ def one_step(run: Run, row: dict) -> dict:
                                ranks.world), []))
     s = Step(rolled, groups, n_train, upd, kl, len(drawn))
     row.update(run.selector.observe(p.step, groups))
+    shares, said = run.coverage.observe(p.step, [g[0] for g in groups],
+                                        [e["prompt"] for e in drawn] if cfg.replay_trains_logz != "off" else [])
+    for w in said:
+        ranks.log(f"warning: step {p.step}: {w}")
+    row.update(shares)
     row.update(step_metrics(run, s))                                                     # 6. log
     row.update({"step_s": time.time() - t0, "select_s": t1 - t0, "rollout_s": rolled.tally.rollout_s,
                 "verify_s": rolled.tally.verify_s, "update_s": t5 - t4})

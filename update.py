@@ -33,13 +33,14 @@ class Samples:
     prompt: torch.Tensor  # (N,) training-set index of each row's prompt
     reward: torch.Tensor  # (N,) verifier reward
     behavior: torch.Tensor = None  # (N,) replayed rows: the sampler's log π(y|x); None for this step's rollouts
+    target: torch.Tensor = None  # (N,) replayed rows: their group's observed accuracy a(x) when they were stored
     old_tok: torch.Tensor = None  # (N, R) per-token log π_old, where updates_per_batch > 1
     adv: torch.Tensor = None  # (N,) per-row values an objective computes over whole groups (GRPO's advantages)
 
     def __getitem__(self, rows) -> "Samples":
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Samples(self.seqs[rows], self.prompt[rows], self.reward[rows], pick(self.behavior), pick(self.old_tok),
-                       pick(self.adv))
+        return Samples(self.seqs[rows], self.prompt[rows], self.reward[rows], pick(self.behavior), pick(self.target),
+                       pick(self.old_tok), pick(self.adv))
 
     def __len__(self):
         return len(self.seqs)
@@ -79,8 +80,12 @@ class PacedObjective:
 
     With one optimizer step per rollout batch (the default) π_old is the policy before this update, so
     log π_old is log π_θ detached (no extra forward pass). Replayed samples were drawn by an older policy:
-    anchored per `replay_anchor`, weighted min(replay_is_clip, π_θold/π_behavior) (detached), and they
-    train Z_φ only with `replay_trains_logz` (correct-only samples would push p̂ up)."""
+    anchored per `replay_anchor`, weighted min(replay_is_clip, π_θold/π_behavior) (detached). Whether they train
+    Z_φ is `replay_trains_logz`: off; raw, their TB residual as it is (reward 1: a buffer of correct samples
+    pushes p̂ up); group, Z_φ's part of the residual with their group's accuracy a(x) in place of the reward.
+    At θ = θ_old a whole group's TB loss has the log Z gradient 2G(log Z − a/β); one stored sample with
+    target a gives the same gradient, so replay repeats the error-prioritized groups' Z_φ update, unbiased,
+    while θ still learns from the correct sample with reward 1."""
 
     needs_ref = False  # no frozen π_ref: the anchor is π_old
 
@@ -121,11 +126,15 @@ class PacedObjective:
         log_z = model.policy.logz(self.emb[s.prompt])
         anchor, w = old, None
         if s.behavior is not None:  # replayed
-            if not cfg.replay_trains_logz:
-                log_z = log_z.detach()
             anchor = s.behavior if cfg.replay_anchor == "behavior" else cur
             if cfg.replay_is_clip > 0:
                 w = (cur - s.behavior).exp().clamp(max=cfg.replay_is_clip)
+            if cfg.replay_trains_logz == "group":  # θ's residual with reward 1, Z_φ's with the group's accuracy
+                theta = tb_loss.paced_tb_loss(log_z.detach(), logp, anchor, s.reward, cfg.beta, weight=w, denom=denom)
+                z = tb_loss.paced_tb_loss(log_z, logp.detach(), anchor, s.target, cfg.beta, weight=w, denom=denom)
+                return theta + z, old
+            if cfg.replay_trains_logz == "off":
+                log_z = log_z.detach()
         return tb_loss.paced_tb_loss(log_z, logp, anchor, s.reward, cfg.beta, weight=w, denom=denom), old
 
 
@@ -166,7 +175,8 @@ def replayed_samples(entries, toks, pad_id, device):
     seqs = Seqs(*left_pad([toks[e["prompt"]] for e in entries], pad_id, device),
                 *right_pad([e["response"] for e in entries], pad_id, device))
     return Samples(seqs, torch.tensor([e["prompt"] for e in entries], device=device), torch.ones(len(entries), device=device),
-                   behavior=torch.tensor([e["logp_behavior"] for e in entries], device=device))
+                   behavior=torch.tensor([e["logp_behavior"] for e in entries], device=device),
+                   target=torch.tensor([e["acc"] for e in entries], device=device))
 
 
 def backward(model: Model, objective, s: Samples, denom: float, cfg):

@@ -112,14 +112,14 @@ def selection_check(p_hat, acc, group_size: int, tau: float = 0.5, frac: float =
             "oracle": all_equal_share(chosen(acc), group_size)}
 
 
-def levels_of(path: str, n=None):
-    """The `level` field of a data file's rows (the smollm2 task's difficulty levels); None where the file is
-    gone, has rows without a level, or not n rows (n given)."""
+def levels_of(path: str, n=None, field: str = "level"):
+    """The `level` field (or another label field) of a data file's rows (the smollm2 task's difficulty levels);
+    None where the file is gone, has rows without it, or not n rows (n given)."""
     if not path or not os.path.isfile(path):
         return None
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [x["level"] for x in rows] if n in (None, len(rows)) and all("level" in x for x in rows) else None
+    return [x[field] for x in rows] if n in (None, len(rows)) and all(field in x for x in rows) else None
 
 
 def run_levels(run: dict, key: str, n=None):
@@ -171,6 +171,42 @@ def by_level(runs: dict) -> list:
     for m, rs in runs.items():
         acc = [{n: float(np.mean([a for a, lv in zip(r["final"]["acc"], levels) if lv == n])) for n in names} for r in rs]
         lines.append(f"| {m} | " + " | ".join(f"{np.median([a[n] for a in acc]):.3f}" for n in names) + " |")
+    return lines
+
+
+def run_chosen_shares(r: dict):
+    """(mean over steps of each labelled group's chosen share, the groups' data shares) of one run: from its logged
+    `chosen_share` rows, else from the study's per-step `groups` and the labels (`level`, `form`) of its training
+    rows; None where neither is there."""
+    rows = [x for x in r["rows"] if "chosen_share" in x]
+    if rows:
+        data = next((x["data_share"] for x in r["rows"] if "data_share" in x), None)
+        return {g: float(np.mean([x["chosen_share"][g] for x in rows])) for g in rows[0]["chosen_share"]}, data
+    chosen = [[g[0] for g in x["groups"]] for x in r["rows"] if x.get("groups")]
+    labels = {"level": run_levels(r, "train_data")}
+    labels["form"] = levels_of(r["config"].get("train_data", ""), len(labels["level"]) if labels["level"] else None, "form")
+    labels = {f: lv for f, lv in labels.items() if lv is not None}
+    if not chosen or not labels or len({len(lv) for lv in labels.values()}) > 1:
+        return None
+    cov = scheduler.Coverage(labels, 0)
+    shares = [cov.observe(i, c)[0]["chosen_share"] for i, c in enumerate(chosen)]
+    return {g: float(np.mean([s[g] for s in shares])) for g in cov.data_share}, cov.data_share
+
+
+def chosen_shares(runs: dict) -> list:
+    """Markdown lines: each method's share of the chosen prompts per labelled group of the training rows (a level, a
+    form), mean over steps and median over seeds, beside the group's share of the data: the starvation a greedy
+    scheduler with a wrong estimate causes shows as a share far below the data's. [] where no run has labels."""
+    per = {m: s for m, rs in runs.items() if None not in (s := [run_chosen_shares(r) for r in rs])}
+    if not per:
+        return []
+    data = next(s[0][1] for s in per.values())
+    names = sorted(data)
+    lines = ["", "Chosen share of each labelled group of the training prompts (mean over steps, median over seeds) "
+             "against its share of the data:", "", "| method | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             "| the data | " + " | ".join(f"{data[g]:.2f}" for g in names) + " |"]
+    for m, s in per.items():
+        lines.append(f"| {m} | " + " | ".join(f"{np.median([x[0].get(g, 0.0) for x in s]):.2f}" for g in names) + " |")
     return lines
 
 
@@ -340,6 +376,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
         for m, cs in checks.items():
             lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
     lines += by_level(runs)
+    lines += chosen_shares(runs)
     groups = {m: g for m, rs in runs.items() if None not in (g := [train_groups(r) for r in rs])}  # methods with p̂
     if groups:  # runs that log each step's groups and p̂
         lines += study_lines(runs, groups)

@@ -29,7 +29,7 @@ METHODS = {  # name: (what it is, its config fields)
                      {"algo": "paced", "explore_frac": 0.0}),
     "paced_explore": ("half of the B slots drawn uniformly from the rest of the pool", {"algo": "paced", "explore_frac": 0.5}),
     "paced_one_lr": ("Z_φ's layers at one Adam lr whatever their width", {"algo": "paced", "logz_lr_fan_in": 0}),
-    "paced_replay_trains_logz": ("replayed (correct-only) samples also train Z_φ", {"algo": "paced", "replay_trains_logz": True}),
+    "paced_replay_trains_logz": ("replayed (correct-only) samples also train Z_φ", {"algo": "paced", "replay_trains_logz": "raw"}),
     "paced_logz_lr3e-3": ("Z_φ at Adam lr 3e-3", {"algo": "paced", "logz_lr": 3e-3}),
     "paced_logz_lr3e-2": ("Z_φ at Adam lr 3e-2", {"algo": "paced", "logz_lr": 3e-2}),
     "paced_mean_last": ("e(x) with the last prompt token's state beside the mean", {"algo": "paced", "logz_features": "mean_last"}),

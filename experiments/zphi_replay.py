@@ -15,11 +15,12 @@ with others it answers "would this head have saturated on these data?" on traini
   it would have seen.
 
     python -m experiments.zphi_replay --run=runs/smollm2_study/paced_replay_only_s0
+    python -m experiments.zphi_replay --trap --settings=sigmoid@1e-2:96:0.5,logistic@1e-2:96:0.5
     python -m experiments.zphi_replay --run=results/smollm2_study/runs/paced_replay_only_s0 --settings=1e-2:96:0.5,1e-2:96:1
 
-A setting is lr:ref_fan_in:power[:weight_decay]: each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5
-is `--logz_lr_fan_in`'s rule, ref_fan_in 0 one lr everywhere), with AdamW's decoupled weight decay (default 0,
-the loop's). e(x) comes from <run>/prompt_emb.pt, or is computed from the run's model and data as the loop does.
+A setting is [output@]lr:ref_fan_in:power[:weight_decay]: the head's output form (`--logz_output`; default the
+run's own), each linear layer at lr·(ref_fan_in/fan_in)^power (power 0.5 is `--logz_lr_fan_in`'s rule, ref_fan_in 0
+one lr everywhere), with AdamW's decoupled weight decay (default 0, the loop's). e(x) comes from <run>/prompt_emb.pt, or is computed from the run's model and data as the loop does.
 """
 
 import json
@@ -43,9 +44,9 @@ def load_record(run: str):
         rows = [r for r in (json.loads(line) for line in f if line.strip()) if "loss" in r]
     if cfg.get("algo", "paced") != "paced" or not rows or not rows[0].get("groups"):
         raise SystemExit(f"zphi_replay: {run} is not a PACED-RL run that logs its groups")
-    if cfg.get("updates_per_batch", 1) != 1 or cfg.get("replay_trains_logz") or cfg.get("logz_output") != "sigmoid":
-        raise SystemExit(f"zphi_replay: {run}: only one update per batch, replay not training Z_φ and the sigmoid head "
-                         "are replayed (the head's data are not in the record otherwise)")
+    if cfg.get("updates_per_batch", 1) != 1 or cfg.get("replay_trains_logz") not in (None, False, "off"):
+        raise SystemExit(f"zphi_replay: {run}: only runs with one update per batch and replay not training Z_φ are "
+                         "replayed (the head's data are not in the record otherwise)")
     return cfg, rows
 
 
@@ -58,7 +59,10 @@ def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
     from data import load_data
     from distributed import Ranks
 
-    c = Config(**{k: v for k, v in cfg.items() if k in Config.__dataclass_fields__})
+    # the fields e(x) depends on (a record's other fields may predate the present Config's choices)
+    c = Config(**{k: cfg[k] for k in ("model", "train_data", "eval_data", "prompt_field", "answer_field", "eval_prompt_field",
+                                       "eval_answer_field", "prompt_suffix", "shot_prompt", "shot_response", "verifier",
+                                       "max_prompt_tokens", "logz_features", "eval_batch") if k in cfg})
     prompts = load_data(c, lambda *a: None)
     if cached is not None:
         return cached["emb"][:len(prompts.train.toks)]
@@ -69,10 +73,13 @@ def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
     return emb[:len(prompts.train.toks)]
 
 
-def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0) -> list:
-    """Retrain a fresh head (the run's seed, width and init) on the record's groups; per-step diagnostics."""
+def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int, power: float, wd: float = 0.0,
+           output: str = None) -> list:
+    """Retrain a fresh head (the run's seed, width and init; its output form unless `output` is given) on the
+    record's groups; per-step diagnostics."""
     torch.manual_seed(cfg["seed"])  # the loop seeds just before building the head: the same initial φ
-    head = paced_rl.LogZHead(emb.size(1), cfg["logz_hidden"], cfg["beta"], cfg["logz_init_acc"], "sigmoid")
+    head = paced_rl.LogZHead(emb.size(1), cfg["logz_hidden"], cfg["beta"], cfg["logz_init_acc"],
+                             output or cfg.get("logz_output", "sigmoid"))
     head.set_normalization(emb)
     layers = [m for m in head.net if isinstance(m, torch.nn.Linear)]
     scale = (lambda m: (ref_fan_in / m.in_features) ** power) if ref_fan_in > 0 else (lambda m: 1.0)  # noqa: E731
@@ -83,7 +90,7 @@ def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int,
         a = torch.tensor([g[1] for g in r["groups"]], dtype=torch.float32)
         p_before = head.p_hat(emb[idx]).detach()
         denom = len(idx) * G + r.get("replayed", 0)  # the update's sample count (replayed samples add to it)
-        loss = (G * (head.p_hat(emb[idx]) / beta - a / beta) ** 2).sum() / denom
+        loss = (G * (head.value(emb[idx]) / beta - a / beta) ** 2).sum() / denom
         opt.zero_grad()
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(head.parameters(), float("inf")))
@@ -93,6 +100,37 @@ def replay(cfg: dict, rows: list, emb: torch.Tensor, lr: float, ref_fan_in: int,
         out.append({"step": r["step"], "p_before": p_before.numpy(), "a": a.numpy(), "grad_norm": gnorm,
                     "raw_min": float(raw.min()), "raw_max": float(raw.max()),
                     "saturated": saturated_share(p_all.numpy())})
+    return out
+
+
+def trap(output: str, lr: float, ref_fan_in: int = 96, power: float = 0.5, seed: int = 0, dim: int = 576,
+         width: int = 1024, n: int = 64, steps: int = 40, zero_steps: int = 3, beta: float = 0.05) -> list:
+    """The trap in isolation: features in two clusters of n prompts (dim wide, as SmolLM2's), a head of `width`
+    trained on the TB loss's Z_φ term (log π_θ − log π_old = 0) over uniformly chosen groups of 8 prompts × 8
+    samples; cluster 0 is all wrong for `zero_steps` steps, then at accuracy 0.6; cluster 1 at 0.5 throughout.
+    Returns each step's mean p̂ of the two clusters after its update: [(cluster 0, cluster 1), ...]."""
+    B, G = 8, 8
+    g = torch.Generator().manual_seed(1000 + seed)
+    centers = torch.randn(2, dim, generator=g) * 3
+    emb = torch.cat([centers[c] + torch.randn(n, dim, generator=g) for c in (0, 1)])
+    torch.manual_seed(seed)
+    head = paced_rl.LogZHead(dim, width, beta, 0.5, output)
+    head.set_normalization(emb)
+    layers = [m for m in head.net if isinstance(m, torch.nn.Linear)]
+    scale = (lambda m: (ref_fan_in / m.in_features) ** power) if ref_fan_in > 0 else (lambda m: 1.0)  # noqa: E731
+    opt = torch.optim.AdamW([{"params": list(m.parameters()), "lr": lr * scale(m), "weight_decay": 0.0} for m in layers])
+    rng, out = np.random.default_rng(seed), []
+    for t in range(steps):
+        idx = torch.as_tensor(rng.choice(2 * n, B, replace=False))
+        acc = np.where(idx.numpy() < n, 0.0 if t < zero_steps else 0.6, 0.5)
+        r = torch.as_tensor(rng.random((B, G)) < acc[:, None], dtype=torch.float32)
+        loss = ((head(emb[idx])[:, None] - r / beta) ** 2).sum() / (B * G)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            p = head.p_hat(emb)
+        out.append((float(p[:n].mean()), float(p[n:].mean())))
     return out
 
 
@@ -120,18 +158,30 @@ def running_mean_error(rows: list) -> float:
 
 
 def main(argv):
-    args = dict(a.lstrip("-").split("=", 1) for a in argv)
-    unknown = set(args) - {"run", "settings"}
-    if unknown or "run" not in args:
+    args = dict((a.lstrip("-").split("=", 1) + [""])[:2] for a in argv)
+    unknown = set(args) - {"run", "settings", "trap"}
+    if unknown or not ("run" in args or "trap" in args):
         raise SystemExit(f"zphi_replay: unknown {sorted(unknown)}" if unknown else __doc__)
+    if "trap" in args:
+        for s in args.get("settings", "sigmoid@1e-2:96:0.5").split(","):
+            output, _, numbers = s.rpartition("@")
+            lr, ref, power = (numbers.split(":") + ["96", "0.5"])[:3]
+            for seed in (0, 1, 2):
+                h = trap(output or "sigmoid", float(lr), int(ref), float(power), seed)
+                back = next((t for t in range(3, len(h)) if h[t][0] > 0.3), None)
+                print(f"{s} seed {seed}: cluster 0's mean p̂ at steps 2/5/10/20/39 "
+                      + " ".join(f"{h[t][0]:.2f}" for t in (2, 5, 10, 20, 39)) + f"; above 0.3 first at step {back}")
+        return
     cfg, rows = load_record(args["run"])
     emb = train_embeddings(args["run"], cfg)
-    own = (float(cfg["logz_lr"]), int(cfg.get("logz_lr_fan_in", 0)), 0.5, 0.0)
-    settings = args.get("settings", ":".join(map(str, own))).split(",")
+    own_output = cfg.get("logz_output", "sigmoid")
+    own = (float(cfg["logz_lr"]), int(cfg.get("logz_lr_fan_in", 0)), 0.5, 0.0, own_output)
+    settings = args.get("settings", ":".join(map(str, own[:4]))).split(",")
     print(f"reference: the running mean of earlier groups' accuracy has prequential error {running_mean_error(rows):.3f}")
     for s in settings:
-        lr, ref, power, wd = (s.split(":") + ["0"])[:4]
-        setting = (float(lr), int(ref), float(power), float(wd))
+        output, _, numbers = s.rpartition("@")
+        lr, ref, power, wd = (numbers.split(":") + ["0"])[:4]
+        setting = (float(lr), int(ref), float(power), float(wd), output or own_output)
         steps = replay(cfg, rows, emb, *setting)
         if setting == own:  # the check: the run's own setting gives the logged diagnostics
             print(f"{s}: the run's own setting; largest deviation from the logged diagnostics {deviation(steps, rows):.2e}")

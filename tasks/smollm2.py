@@ -8,7 +8,8 @@ natural-language arithmetic task with graded difficulty.
   the model loads through `from_pretrained` like any other. The weights went through 4-bit quantization,
   so this is a slightly degraded SmolLM2.
 - The task: sums, differences and products from one-digit to three-digit operands, as bare questions
-  and as word problems, in several phrasings; the reference answer is the integer. The policy is asked
+  and as word problems, in several phrasings; the reference answer is the integer, and each row names its
+  `level` and its `form` (bare or word), the groups whose chosen shares a run logs. The policy is asked
   for a final `\\boxed{}` answer and the reward checks exactly that (verify.boxed_math_reward), in
   training and in evaluation alike. One worked example (SHOT) precedes every question as an earlier
   chat exchange: without it the model almost never boxes a right answer. Train and held-out questions
@@ -45,6 +46,7 @@ PHRASES = {
             "There are {a} bags with {b} {i}s in each bag. How many {i}s are there in all?",
             "{n} buys {a} packs of {i}s with {b} in each pack. How many {i}s does {n} buy?"],
 }
+FORMS = ("bare", "bare", "bare", "word", "word")  # each phrasing's form: a bare question or a word problem
 # difficulty levels, easiest first: (operation, range of a, range of b); b < a for differences
 LEVELS = {"add1": ("add", (1, 9), (1, 9)), "mul1": ("mul", (2, 9), (2, 9)), "add2": ("add", (10, 99), (10, 99)),
           "sub2": ("sub", (20, 99), (10, 99)), "mul2": ("mul", (10, 99), (2, 9)), "add3": ("add", (100, 999), (100, 999))}
@@ -101,9 +103,10 @@ def make_question(rng: random.Random, level: str) -> dict:
     op, (a0, a1), (b0, b1) = LEVELS[level]
     a = rng.randint(a0, a1)
     b = rng.randint(b0, min(b1, a - 1)) if op == "sub" else rng.randint(b0, b1)
-    text = rng.choice(PHRASES[op]).format(a=a, b=b, n=rng.choice(NAMES), i=rng.choice(ITEMS))
+    k = rng.randrange(len(PHRASES[op]))  # the draw rng.choice would make
+    text = PHRASES[op][k].format(a=a, b=b, n=rng.choice(NAMES), i=rng.choice(ITEMS))
     answer = {"add": a + b, "sub": a - b, "mul": a * b}[op]
-    return {"prompt": text, "answer": str(answer), "level": level}
+    return {"prompt": text, "answer": str(answer), "level": level, "form": FORMS[k]}
 
 
 def make_splits(n_train: int = 600, n_heldout: int = 120, seed: int = 0):
@@ -140,7 +143,8 @@ def ensure(testbed_dir: str, log=print) -> str:
     out = os.path.join(testbed_dir, SUBDIR)
     if not os.path.exists(os.path.join(out, "model", "config.json")):
         convert(gguf_path(), os.path.join(out, "model"), log)
-    if not os.path.exists(os.path.join(out, "heldout.jsonl")):
+    path = os.path.join(out, "heldout.jsonl")
+    if not os.path.exists(path) or "form" not in open(path).readline():  # a task written without its rows' forms
         write_task(out)
     return out
 
