@@ -64,7 +64,7 @@ class Config:
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
     logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
-    logz_output: str = "sigmoid"  # linear (unbounded) | logistic (σ, linear gradient) | sigmoid (paced_rl.py)
+    logz_output: str = "logistic"  # logistic (σ, the linear output's gradient) | linear (unbounded) | sigmoid
     logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
     # --- replay
     replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories

@@ -44,7 +44,7 @@ class LogZHead(nn.Module):
 
     OUTPUTS = ("linear", "logistic", "sigmoid")
 
-    def __init__(self, dim: int, hidden: int, beta: float, init_acc: float, output: str = "sigmoid"):
+    def __init__(self, dim: int, hidden: int, beta: float, init_acc: float, output: str = "logistic"):
         super().__init__()
         if output not in self.OUTPUTS:
             raise ValueError(f"LogZHead: output must be one of {self.OUTPUTS}, got {output!r}")

@@ -1325,7 +1325,10 @@ def test_bad_input_files(tmp_path):
             data.load_prompts(write(tmp_path, name, text), "prompt", "answer")
     # numbers are fine answers (AIME files hold integers): kept as strings
     rows = data.load_prompts(write(tmp_path, "int.jsonl", json.dumps({"prompt": "a", "answer": 42}) + "\n"), "prompt", "answer")
-    assert rows == [{"prompt": "a", "answer": "42"}]
+    assert rows == [{"prompt": "a", "answer": "42", "labels": {}}]
+    text = "".join(json.dumps({"prompt": p, "answer": "1", "level": lv}) + "\n" for p, lv in (("a", "easy"), ("b", None)))
+    rows = data.load_prompts(write(tmp_path, "labelled.jsonl", text), "prompt", "answer", "testbed", ("level", "form"))
+    assert [r["labels"] for r in rows] == [{"level": "easy"}, {"level": "none"}]  # a field the file lacks is no label
     with pytest.raises(SystemExit, match=r"code.jsonl row 0: field 'answer': code test 0 must be a dict"):
         data.load_prompts(write(tmp_path, "code.jsonl", json.dumps({"prompt": "p", "answer": ["x"]}) + "\n"), "prompt", "answer", "code")
 

@@ -265,7 +265,8 @@ def make_selector(run, lab: StudyConfig):
 
 
 class StudyProbe:
-    """The study's metrics: the exact held-out accuracy and p̂'s correlation with it (testbed), every chosen group as
+    """The study's metrics: the exact held-out accuracy and p̂'s correlation with it (testbed; and p̂'s error against
+    the exact accuracy of every training prompt, chosen or not), every chosen group as
     [prompt, a(x), p̂] (what experiments/zphi_replay.py replays), and for a LogZHead its raw output over the step's
     prompts (p̂'s logit under the sigmoid: beyond ±7, p̂ is within 10⁻³ of 0 or 1 and its gradient vanishes) and how
     far Adam moved φ in the step."""
@@ -286,6 +287,12 @@ class StudyProbe:
         res.row.update({"eval_acc_exact": float(ex.mean()), "eval_acc_exact_gap": float(gap.mean()),
                         "eval_acc_est_corr_exact": pearson(p_hat, ex) if p_hat is not None else None})
         res.per_prompt["acc_exact"] = ex.tolist()
+        if p_hat is not None:  # the estimate over every training prompt, the ones selection stopped showing too
+            tr = exact_lib.exact_accuracy_sharded(run.model.policy.lm, run.prompts.tokenizer, run.prompts.train.toks,
+                                                  run.prompts.train.answers, run.cfg, run.ranks)[0]
+            p_tr = run.objective.p_hat(run.model.policy, list(range(len(tr))))
+            res.row.update({"train_acc_est_abs_err_exact": float(np.abs(p_tr - tr).mean()),
+                            "train_acc_est_corr_exact": pearson(p_tr, tr)})
 
     @torch.no_grad()
     def step(self, run, s, row) -> dict:
