@@ -84,8 +84,8 @@ class PacedObjective:
     Z_φ is `replay_trains_logz`: off; raw, their TB residual as it is (reward 1: a buffer of correct samples
     pushes p̂ up); group, Z_φ's part of the residual with their group's accuracy a(x) in place of the reward.
     At θ = θ_old a whole group's TB loss has the log Z gradient 2G(log Z − a/β); one stored sample with
-    target a gives the same gradient, so replay repeats the error-prioritized groups' Z_φ update, unbiased,
-    while θ still learns from the correct sample with reward 1."""
+    target a gives its per-sample share, 2(log Z − a/β), so replay repeats the error-prioritized groups' Z_φ
+    update, unbiased, while θ still learns from the correct sample with reward 1."""
 
     needs_ref = False  # no frozen π_ref: the anchor is π_old
 
