@@ -51,6 +51,7 @@ class Config:
     group_size: int = 8  # G, responses per prompt (paper: 8)
     max_new_tokens: int = 6  # response-length cap in tokens (paper: 3072; the testbed needs ≤ 5)
     rollout_batch: int = 0  # prompts per generation call (bounds the KV cache); 0 = all of a rank's
+    sampler: str = "dynamic"  # dynamic (growing KV cache) | static (StaticCache, CUDA-graph decode steps)
     micro_batch: int = 0  # samples per forward/backward, gradients accumulated; 0 = all at once
     logit_chunk: int = 0  # response positions per output-head chunk (big vocabularies); 0 = all
     shared_prefix: bool = False  # one forward per distinct prompt, its G responses from its KV cache
@@ -161,7 +162,7 @@ RANGES = {
     "eval_samples": "[1, inf)", "eval_batch": "[1, inf)", "ckpt_every": "[1, inf)", "keep_ckpts": "[1, inf)",
 }
 CHOICES = {"replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
-           "replay_trains_logz": ("off", "raw", "group"), "dtype": ("float32", "bfloat16", "auto"),
+           "replay_trains_logz": ("off", "raw", "group"), "sampler": ("dynamic", "static"), "dtype": ("float32", "bfloat16", "auto"),
            "logz_output": ("linear", "logistic", "sigmoid"), "logz_features": ("mean", "mean_last"),
            "attn_impl": ("sdpa", "flash_attention_2", "eager")}
 
@@ -194,6 +195,9 @@ def check_config(cfg: Config):
     if cfg.fsdp and cfg.logit_chunk > 0:
         raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "
                          "does not allow; with --fsdp=true bound the logits' memory with micro_batch instead")
+    if cfg.fsdp and cfg.sampler == "static":
+        raise SystemExit("config: sampler=static keeps a whole copy of the model's cache and compiled steps, which a "
+                         "sharded (FSDP) model cannot run; use --sampler=dynamic with --fsdp=true")
     if bool(cfg.shot_prompt) != bool(cfg.shot_response):
         raise SystemExit(f"config: a worked example needs both shot_prompt and shot_response; got shot_prompt="
                          f"{cfg.shot_prompt!r}, shot_response={cfg.shot_response!r}")

@@ -45,6 +45,7 @@ class Sampling:
     eos_id: int
     pad_id: int
     stop_early: bool = True  # False: every step runs even when all rows have ended (FSDP ranks need lockstep)
+    logprobs: bool = False  # also return each sampled token's log π (the sampler's own, for agreement checks)
 
 
 def amp(device, enabled: bool):
@@ -99,17 +100,40 @@ def make_generators(seeds: list, device) -> list:
     return gens
 
 
+def next_tokens(logits, gens: list, spec: Sampling, done, logprobs: list = None):
+    """One token per row from logits (B*G, V) (float32): the Gumbel-max trick, each prompt's G rows drawn from
+    that prompt's generator (gens[b]; None: a filler row, no draw); pad_id where `done`. With a list `logprobs`,
+    appends each token's log π at the sampling temperature (0 where done)."""
+    B, G, V = len(gens), spec.group_size, logits.size(-1)
+    if spec.temperature > 0:
+        logits = logits / spec.temperature
+        u = torch.full((B, G, V), 0.5, device=logits.device)  # each prompt's noise from its own generator
+        for b, g in enumerate(gens):
+            if g is not None:
+                torch.rand((G, V), generator=g, device=g.device, out=u[b])
+        gumbel = u.view(B * G, V).clamp_(1e-20, 1 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place
+        tok = (logits + gumbel).argmax(-1)
+    else:
+        tok = logits.argmax(-1)
+    tok = torch.where(done, torch.full_like(tok, spec.pad_id), tok)
+    if logprobs is not None:
+        lp = logits.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+        logprobs.append(lp.masked_fill(done, 0.0))
+    return tok
+
+
 @torch.no_grad()
-def generate(lm, prompt_ids, prompt_mask, gens: list, spec: Sampling) -> torch.Tensor:
+def generate(lm, prompt_ids, prompt_mask, gens: list, spec: Sampling):
     """Sample spec.group_size responses for each of the B prompts.
 
     prompt_ids, prompt_mask: (B, P) left-padded. gens: B torch.Generators (one per prompt).
-    Returns response ids (B*G, R), row b*G+g the g-th sample of prompt b; after EOS, pad_id.
-    Sampling uses the Gumbel-max trick with per-prompt noise. A sharded (FSDP) model runs collectives in
-    every forward, so there spec.stop_early=False keeps every rank making the same number of calls.
+    Returns response ids (B*G, R), row b*G+g the g-th sample of prompt b; after EOS, pad_id; with
+    spec.logprobs also each token's log π (B*G, R) as sampled. Sampling uses the Gumbel-max trick with
+    per-prompt noise (`next_tokens`). A sharded (FSDP) model runs collectives in every forward, so there
+    spec.stop_early=False keeps every rank making the same number of calls. The static sampler
+    (static_decode.py) returns the same tokens for the same generators.
     """
     B, G = prompt_ids.size(0), spec.group_size
-    temperature, eos_id, pad_id = spec.temperature, spec.eos_id, spec.pad_id
     pos = position_ids(prompt_mask)
     # each prompt's prefill once, shared by its G responses; only the last position's logits (large vocabularies)
     out = lm(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True, **last_logits_only(lm))
@@ -118,19 +142,11 @@ def generate(lm, prompt_ids, prompt_mask, gens: list, spec: Sampling) -> torch.T
     mask = prompt_mask.repeat_interleave(G, 0)
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1
     done = torch.zeros(B * G, dtype=torch.bool, device=prompt_ids.device)
-    tokens = []
+    tokens, lps = [], [] if spec.logprobs else None
     for _ in range(spec.max_new_tokens):
-        if temperature > 0:
-            u = torch.empty((B, G, logits.size(-1)), device=gens[0].device)  # each prompt's noise from its own generator
-            for b, g in enumerate(gens):
-                torch.rand((G, logits.size(-1)), generator=g, device=g.device, out=u[b])
-            gumbel = u.view(B * G, -1).clamp_(1e-20, 1 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place
-            tok = (logits / temperature).add_(gumbel.to(logits.device)).argmax(-1)
-        else:
-            tok = logits.argmax(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tok = next_tokens(logits, gens, spec, done, lps)
         tokens.append(tok)
-        done |= tok == eos_id
+        done |= tok == spec.eos_id
         if spec.stop_early and done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -138,7 +154,7 @@ def generate(lm, prompt_ids, prompt_mask, gens: list, spec: Sampling) -> torch.T
                  past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_pos = next_pos + 1
-    return torch.stack(tokens, 1)
+    return (torch.stack(tokens, 1), torch.stack(lps, 1)) if spec.logprobs else torch.stack(tokens, 1)
 
 
 def _token_logprobs(head, h, targets, temperature: float):

@@ -2,7 +2,8 @@
 
 Each prompt's sampling noise is seeded by (run seed, step, prompt), not by rank or batch, so the responses
 do not depend on how the prompts are split over ranks or generation calls. Prompts are generated
-`rollout_batch` at a time, which bounds the KV cache's memory.
+`rollout_batch` at a time, which bounds the KV cache's memory, by lm.generate or, with `sampler=static`, by
+static_decode.generate (the same tokens from a static cache and, on CUDA, graph-captured decode steps).
 
 The held-out evaluation train() runs every `eval_every` steps is the same sampling and verification on
 the held-out prompts (`heldout_metrics`): sharded over ranks, each prompt's noise seeded by the prompt, so
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import static_decode
 import verify
 from distributed import all_sum, gather
 from lm import Sampling, Seqs, amp, generate, left_pad, make_generators, response_mask
@@ -66,10 +68,10 @@ def rollout(lm, tokenizer, prompt_toks, seeds, cfg, group_size: int, temperature
     pid, pmask = left_pad(prompt_toks, pad, lm.device)
     size = cfg.rollout_batch if cfg.rollout_batch > 0 else max(len(prompt_toks), 1)
     spec = Sampling(group_size, cfg.max_new_tokens, temperature, eos, pad, stop_early=not cfg.fsdp)
-    chunks = []
+    chunks, sample = [], static_decode.generate if cfg.sampler == "static" else generate
     for i in range(0, len(prompt_toks), size):
         with amp(lm.device, cfg.dtype == "bfloat16"):
-            chunks.append(generate(lm, pid[i:i + size], pmask[i:i + size], make_generators(seeds[i:i + size], lm.device), spec))
+            chunks.append(sample(lm, pid[i:i + size], pmask[i:i + size], make_generators(seeds[i:i + size], lm.device), spec))
     R = max(c.size(1) for c in chunks)
     resp = torch.cat([torch.nn.functional.pad(c, (0, R - c.size(1)), value=pad) for c in chunks])  # (B*G, R)
     rmask = response_mask(resp, eos)

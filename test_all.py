@@ -31,6 +31,7 @@ import paced_rl
 import replay
 import sandbox
 import scheduler
+import static_decode
 import tasks
 import tb_loss
 import train
@@ -177,6 +178,69 @@ def test_shared_prefill_generates_what_a_repeated_prompt_does(tiny):
     R = max(r.size(1) for r in rows)
     ref = torch.cat([torch.nn.functional.pad(r, (0, R - r.size(1)), value=tok.pad_token_id) for r in rows])
     assert torch.equal(shared[:, :R], ref) and (shared[:, R:] == tok.pad_token_id).all()
+
+
+def test_static_sampler_gives_the_dynamic_samplers_tokens(tiny):
+    """sampler=static (a StaticCache, shapes bucketed, filler rows) samples what lm.generate samples for the same
+    generators: equal tokens and log-probs in float32, at temperature 1 and greedily, prompts of different lengths,
+    a prompt count that is no power of two; both samplers' log-probs are the training pass's."""
+    lm, tok = tiny
+    toks = [tok(p).input_ids for p in ("1+2=", "345+67=", "8+9=")]
+    pid, pm = lm_lib.left_pad(toks, tok.pad_token_id)
+    for temperature in (1.0, 0.0):
+        spec = lm_lib.Sampling(4, 7, temperature, tok.eos_token_id, tok.pad_token_id, logprobs=True)
+        a, la = lm_lib.generate(lm, pid, pm, lm_lib.make_generators([3, 4, 5], "cpu"), spec)
+        b, lb = static_decode.generate(lm, pid, pm, lm_lib.make_generators([3, 4, 5], "cpu"), spec)
+        assert a.shape == b.shape and torch.equal(a, b)
+        rm = lm_lib.response_mask(a, tok.eos_token_id)
+        assert (la[rm == 0] == 0).all() and torch.allclose(la, lb, atol=1e-5)  # no log-prob after EOS
+        if temperature > 0:
+            assert (rm.sum(1) < a.size(1)).any()  # some rows end early
+            trained = lm_lib.token_logprobs(lm, lm_lib.Seqs(pid.repeat_interleave(4, 0), pm.repeat_interleave(4, 0), a, rm))
+            assert torch.allclose(trained, la * rm, atol=1e-4)
+    # under bf16 autocast the static sampler reads a bf16 copy of the weights, refreshed from the model each call
+    spec = lm_lib.Sampling(4, 7, 1.0, tok.eos_token_id, tok.pad_token_id)
+    with lm_lib.amp("cpu", True):
+        agree = static_decode.agreement(lm, pid, pm, [3, 4, 5], spec)
+    assert agree["tokens_equal"] >= 0.9 and agree["logprob_max_abs_diff"] < 0.1, agree
+    shadow = static_decode.bf16_shadow(lm)
+    with torch.no_grad():
+        lm.lm_head.weight.add_(1.0)
+        try:
+            assert torch.equal(static_decode.bf16_shadow(lm).lm_head.weight, lm.lm_head.weight.bfloat16())
+        finally:
+            lm.lm_head.weight.sub_(1.0)
+    assert static_decode.bf16_shadow(lm) is shadow
+
+
+def test_static_sampler_compiled_and_bucketed(tiny):
+    """The compiled decode step (what CUDA runs, here compiled for the CPU) gives the eager tokens; prompt lengths in
+    one bucket reuse one cache and compiled step, and only the two newest buckets are kept."""
+    lm, tok = tiny
+    spec = lm_lib.Sampling(2, 5, 1.0, tok.eos_token_id, tok.pad_token_id)
+    pid, pm = lm_lib.left_pad([tok("12+3=").input_ids, tok("4+5=").input_ids], tok.pad_token_id)
+    agree = static_decode.agreement(lm, pid, pm, [1, 2], spec, compile_step=True)
+    assert agree["tokens_equal"] == 1.0 and agree["logprob_max_abs_diff"] < 1e-5, agree
+    assert static_decode.bucket(3) == 4 and static_decode.bucket(16) == 16 and static_decode.bucket(5, 16) == 16
+    static_decode._buckets.pop(lm, None)
+    for text in ("1+2=", "12+34=", "1+2+3+4+5+6+7+8+9="):  # prompt lengths 16, 16, 32 after bucketing
+        pid, pm = lm_lib.left_pad([tok(text).input_ids], tok.pad_token_id)
+        static_decode.generate(lm, pid, pm, lm_lib.make_generators([0], "cpu"), spec)
+    assert [k[:2] for k in static_decode._buckets[lm]] == [(2, 21), (2, 37)]
+
+
+def test_static_sampler_in_training_is_the_dynamic_run(small_testbed, tmp_path):
+    """--sampler=static changes no number of a run: the same rows as the default sampler's, step by step."""
+    rows = {}
+    for s in ("dynamic", "static"):
+        out = str(tmp_path / s)
+        train.main(run_args(small_testbed, out, max_steps=2, eval_every=2, sampler=s))
+        rows[s] = read_metrics(out)
+    assert len(rows["static"]) == len(rows["dynamic"])
+    for a, b in zip(rows["dynamic"], rows["static"]):
+        assert untimed(a) == untimed(b)
+    with pytest.raises(SystemExit, match="sampler=static"):
+        config.Config(sampler="static", fsdp=True)
 
 
 def test_saturated_accuracy_estimate_is_warned():
@@ -2466,7 +2530,7 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 IMPORTS = {
     "lm": [], "paced_rl": ["distributed", "lm"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [],
     "verify": ["math_worker", "sandbox"], "math_worker": ["verify"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
-    "data": ["verify"], "rollout": ["distributed", "lm", "metrics", "verify"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
+    "data": ["verify"], "rollout": ["distributed", "lm", "metrics", "static_decode", "verify"], "static_decode": ["lm"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "tasks", "verify"],
     "train": ["checkpoint", "config", "data", "distributed", "lm", "metrics", "paced_rl", "replay", "rollout",
               "scheduler", "tasks", "update"],
