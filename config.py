@@ -90,6 +90,7 @@ class Config:
     eval_batch: int = 64  # held-out prompts per generation batch
     ckpt_every: int = 50  # write a checkpoint every this many steps (and at the end)
     keep_ckpts: int = 2  # checkpoints kept; older ones are deleted
+    report_to: str = ""  # mirror metrics.jsonl to tensorboard and/or wandb (comma-separated; report.py)
 
     def __post_init__(self):
         check_config(self)
@@ -195,6 +196,8 @@ def check_config(cfg: Config):
     if cfg.fsdp and cfg.logit_chunk > 0:
         raise SystemExit("config: logit_chunk calls the model's body and head separately, which FSDP's sharded root "
                          "does not allow; with --fsdp=true bound the logits' memory with micro_batch instead")
+    if set(cfg.report_to.split(",")) - {"", "tensorboard", "wandb"}:
+        raise SystemExit(f"config: report_to={cfg.report_to!r}; expected a comma-separated subset of tensorboard, wandb")
     if cfg.fsdp and cfg.sampler == "static":
         raise SystemExit("config: sampler=static keeps a whole copy of the model's cache and compiled steps, which a "
                          "sharded (FSDP) model cannot run; use --sampler=dynamic with --fsdp=true")

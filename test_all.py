@@ -29,6 +29,7 @@ import math_worker
 import metrics
 import paced_rl
 import replay
+import report
 import sandbox
 import scheduler
 import static_decode
@@ -2530,9 +2531,9 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 IMPORTS = {
     "lm": [], "paced_rl": ["distributed", "lm"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [],
     "verify": ["math_worker", "sandbox"], "math_worker": ["verify"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
-    "data": ["verify"], "rollout": ["distributed", "lm", "metrics", "static_decode", "verify"], "static_decode": ["lm"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
+    "data": ["verify"], "report": ["checkpoint"], "rollout": ["distributed", "lm", "metrics", "static_decode", "verify"], "static_decode": ["lm"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "tasks", "verify"],
-    "train": ["checkpoint", "config", "data", "distributed", "lm", "metrics", "paced_rl", "replay", "rollout",
+    "train": ["checkpoint", "config", "data", "distributed", "lm", "metrics", "paced_rl", "replay", "report", "rollout",
               "scheduler", "tasks", "update"],
     "tasks": ["tasks.smollm2", "tasks.testbed"], "tasks.testbed": ["metrics", "tasks.exact"], "tasks.smollm2": [],
     "tasks.exact": ["distributed", "lm"],
@@ -2546,6 +2547,54 @@ IMPORTS = {
     "experiments.bench": ["config", "lm", "paced_rl", "replay", "scheduler", "tb_loss", "update", "verify"],
     "experiments.zphi_replay": ["config", "data", "distributed", "experiments.compare", "metrics", "paced_rl"],
 }
+
+
+def test_report_to_tensorboard_mirrors_every_row(small_testbed, tmp_path):
+    """--report_to=tensorboard: every number of every metrics.jsonl row is in the event file at the row's step
+    (nested dicts as key/sub); a resumed run purges its events from the resumed step on, as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "tb")
+    train.main(run_args(small_testbed, out, max_steps=2, eval_every=2, ckpt_every=1, report_to="tensorboard"))
+    train.main([f"--resume={out}", "--max_steps=3"])
+    events = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    rows, seen = read_metrics(out), {}
+    for tag in events.Tags()["scalars"]:
+        for e in events.Scalars(tag):
+            seen.setdefault((tag, e.step), []).append(e.value)
+    expected = {(k, r["step"]): v for r in rows for k, v in report.scalars(r).items()}
+    assert {"reward_mean", "eval_acc", "eval_pass_at_k/1"} <= {k for k, _ in expected}
+    assert set(seen) == set(expected)
+    for key, v in expected.items():  # one value per step: the resumed run's replaced the first run's
+        assert len(seen[key]) == 1 and seen[key][0] == pytest.approx(v, rel=1e-6), key
+    assert report.scalars({"step": 1, "a": 1, "b": float("nan"), "c": [1], "d": {"x": 2.5}, "e": True}) == {"a": 1.0, "d/x": 2.5}
+    with pytest.raises(SystemExit, match="report_to"):
+        config.Config(report_to="tensorbord")
+
+
+def test_report_to_wandb_logs_every_row_under_one_run_id(small_testbed, tmp_path, monkeypatch):
+    """--report_to=wandb (wandb itself is not a dependency: a stand-in module records the calls): one init per run
+    with the same id across a resume, and every row logged at its own step."""
+    calls = []
+
+    class FakeRun:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw["id"], kw["resume"])) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = str(tmp_path / "wb")
+    train.main(run_args(small_testbed, out, max_steps=2, eval_every=2, ckpt_every=1, report_to="wandb"))
+    train.main([f"--resume={out}", "--max_steps=3"])
+    inits = [c for c in calls if c[0] == "init"]
+    assert len(inits) == 2 and inits[0][1] == inits[1][1] and inits[0][2] == "allow"
+    logged = [c[1] for c in calls if c[0] == "log"]
+    assert logged == [0, 1, 2, 2, 3]  # the first run's steps, then the resume's from its checkpoint at step 2
+    assert calls[-1] == ("finish",)
 
 
 def test_imports_are_the_tree_the_readme_draws():

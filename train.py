@@ -7,7 +7,7 @@ One step of train(), top to bottom (docs/DESIGN.md, "One step"):
   4. replay:  draw correct trajectories stored at earlier steps                         (replay.py)
   5. update:  one optimizer step on the TB loss over fresh + replayed samples, in θ and φ (update.py,
      tb_loss.py); then this step's highest-error correct trajectories enter the buffer
-  6. log:     metrics reduced over all ranks, to <out_dir>/metrics.jsonl
+  6. log:     metrics reduced over all ranks, to <out_dir>/metrics.jsonl (and TensorBoard / W&B: report.py)
 
 train() takes two seams: the objective (how samples become a loss: update.PacedObjective) and the
 selector (how B prompts are chosen: scheduler.PacedSelector), and probes that add metrics of their own.
@@ -40,6 +40,7 @@ import checkpoint as ckpt
 import lm as lm_lib
 import paced_rl
 import replay as replay_lib
+import report
 import rollout
 from config import Config, make_config, parse_args
 from data import Prompts, load_data
@@ -324,6 +325,7 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
     run = setup(cfg, objective, selector, prepare)
     cfg, p = run.cfg, run.progress  # cfg as resolved by setup (dtype=auto, a shared_prefix the model cannot take)
     probes = [make(run) for make in probes]
+    reporter = report.Reporter(cfg, p.step) if run.ranks.rank == 0 else None  # metrics.jsonl and its mirrors
     stop = ckpt.StopSignal()
     start_step = p.step
     bar = tqdm(range(p.step, cfg.max_steps), initial=p.step, total=cfg.max_steps, disable=run.ranks.rank != 0, desc="train")
@@ -333,8 +335,8 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
         s = one_step(run, row)
         for probe in probes:
             row.update(probe.step(run, s, row))
-        if run.ranks.rank == 0:
-            ckpt.append_metrics(metrics_path(run), row)
+        if reporter:
+            reporter.log(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", **({"eval": f"{row['eval_acc']:.3f}"} if "eval_acc" in row else {}))
         if row["zero_var_frac"] > 0.8 and step % cfg.eval_every == 0:
             run.ranks.log(f"warning: step {step}: {row['zero_var_frac']:.0%} of groups have all-equal rewards (no signal)")
@@ -345,14 +347,17 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
         if stopping:
             run.ranks.log(f"stopped by signal {stop.name} after step {step}; checkpoint written. Continue with: --resume={cfg.out_dir}")
             stop.restore()
+            if reporter:
+                reporter.close()
             teardown(run.ranks.world)
             return {"final": row, "policy": run.model.policy, "interrupted": True}
     stop.restore()
     p.step = max(cfg.max_steps, start_step)  # a checkpoint past max_steps is evaluated where it is
     row = {"step": p.step, "rollouts": p.rollouts, **evaluate(run, probes, final=True),
            "param_checksum": check_ranks_agree(run.model.params, run.ranks.world)}
-    if run.ranks.rank == 0:
-        ckpt.append_metrics(metrics_path(run), row)
+    if reporter:
+        reporter.log(row)
+        reporter.close()
     corr = row.get("eval_acc_est_corr")
     run.ranks.log(f"done: step {p.step}, held-out accuracy {row['eval_acc']:.3f}"
                   + (f", calibration corr {corr:.3f}" if corr is not None else "") + f", metrics in {metrics_path(run)}")
