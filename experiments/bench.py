@@ -16,9 +16,12 @@ loop's masks would. The step runs under each mode of --modes:
     shared_prefix  one prompt pass per group in the update and the β·KL pass (logprobs.token_logprobs)
     kl_every       the β·KL pass every --kl_every steps (its time divided by k)
     all            the three together
+    static         all, and rollouts by the static sampler (static_decode.py: a StaticCache; on a GPU, decode
+                   steps compiled to CUDA graphs, whose compilation the warm-up step pays and is reported apart)
 
 and prints, per mode, the phases' seconds, the step as a ratio to `off`, tokens per second and peak
-memory (CPU: the process's peak resident set, reset between modes; GPU: peak allocated), and on a
+memory, of the step and of each phase (CPU: the process's peak resident set, reset before each; GPU: peak
+allocated), the warm-up step's extra rollout seconds (compilation, for `static`), and on a
 GPU the update's model-FLOPs utilization (6·N·tokens, attention excluded, against the device's dense
 bf16 peak) and the rollout's throughput as a share of the memory-bandwidth bound. The update's
 tokens/s count G·prompt + response tokens in every mode (the work of the plain path), so shared_prefix
@@ -39,6 +42,7 @@ import lm as lm_lib
 import paced_rl
 import replay
 import scheduler
+import static_decode
 import tb_loss
 import update
 import verify
@@ -54,7 +58,8 @@ PEAKS = {  # dense bf16 FLOP/s and memory bandwidth in B/s, from the vendors' da
     "H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12), "A6000": (155e12, 0.77e12),
 }
 MODES = {"off": {}, "bf16": {"dtype": "bfloat16"}, "shared_prefix": {"shared_prefix": True}, "kl_every": {"kl": True},
-         "all": {"dtype": "bfloat16", "shared_prefix": True, "kl": True}}
+         "all": {"dtype": "bfloat16", "shared_prefix": True, "kl": True},
+         "static": {"dtype": "bfloat16", "shared_prefix": True, "kl": True, "sampler": "static"}}
 PHASES = ("select (Z_φ over the pool + top-B)", "rollout", "verify", "replay buffer", "update (fwd + bwd + AdamW)",
           "β·KL pass (per step)")
 
@@ -159,24 +164,33 @@ def main(argv):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(cfg, kl_k):
-        t = [time.perf_counter()]
+        t, mem = [time.perf_counter()], []
+
+        def phase_done():  # the phase's seconds and peak memory
+            sync()
+            t.append(time.perf_counter())
+            mem.append(peak_memory_gib(device))
+            peak_memory_reset(device)
+
+        peak_memory_reset(device)
         cand = pool.next()  # select: score the pool with Z_φ, pick B near τ (the loop's own rule)
         scheduler.pick(objective.p_hat(policy, cand), B, base.tau, round(base.explore_frac * B))
-        sync(); t.append(time.perf_counter())
+        phase_done()
         pid, pmask = lm_lib.left_pad(prompts, pad, device)
         lm.eval()
         size, spec = b.rollout_batch or B, lm_lib.Sampling(G, R, 1.0, no_eos, pad)
+        sample = static_decode.generate if cfg.sampler == "static" else lm_lib.generate
         with lm_lib.amp(device, cfg.dtype == "bfloat16"):
-            resp = torch.cat([lm_lib.generate(lm, pid[i:i + size], pmask[i:i + size], lm_lib.make_generators(range(i, i + size), device),
-                                              spec) for i in range(0, B, size)])
-        sync(); t.append(time.perf_counter())
+            resp = torch.cat([sample(lm, pid[i:i + size], pmask[i:i + size], lm_lib.make_generators(range(i, i + size), device),
+                                     spec) for i in range(0, B, size)])
+        phase_done()
         texts = [" ".join(map(str, r[:4].tolist())) for r in resp.cpu()]  # verify: a cheap exact-match verifier
         rewards, _ = verify.score(verify.testbed_reward, texts, ["7"] * len(texts))
-        t.append(time.perf_counter())
+        phase_done()
         buf.sample(16, rng)  # replay bookkeeping, as in train.py
         buf.add([{"prompt": int(i), "response": [1, 2], "priority": float(p), "logp_behavior": -1.0}
                  for i, p in enumerate(rng.random(B * G // 2))])
-        t.append(time.perf_counter())
+        phase_done()
         lm.train()
         rmask = (torch.arange(R, device=device)[None] < torch.as_tensor(cut, device=device)[:, None]).long()
         resp = resp * rmask
@@ -187,23 +201,25 @@ def main(argv):
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(); t.append(time.perf_counter())
+        phase_done()
         lm.eval()  # β·KL(π_old ‖ π_θ): the loop's no-grad pass after the update (train.py, kl_sum)
         new = update.logprobs_nograd(lm, seqs, cfg)
         tb_loss.kl_k3(new.detach(), new).sum().item()
-        sync(); t.append(time.perf_counter())
+        phase_done()
         dt = np.diff(t)
         dt[-1] /= kl_k  # one pass every k steps
-        return dt
+        return dt, np.array(mem)
 
     res = {}
     for name in b.modes.split(","):
         m = MODES[name]
-        cfg = dataclasses.replace(base, dtype=m.get("dtype", "float32"), shared_prefix=m.get("shared_prefix", False))
+        cfg = dataclasses.replace(base, dtype=m.get("dtype", "float32"), shared_prefix=m.get("shared_prefix", False),
+                                  sampler=m.get("sampler", "dynamic"))
         kl_k = b.kl_every if m.get("kl") else 1
-        peak_memory_reset(device)
-        step(cfg, kl_k)  # warm-up
-        res[name] = (np.mean([step(cfg, kl_k) for _ in range(b.steps)], axis=0), peak_memory_gib(device))
+        warm = step(cfg, kl_k)[0]  # warm-up: allocations, and the static sampler's compilation
+        timed = [step(cfg, kl_k) for _ in range(b.steps)]
+        phases = np.mean([d for d, _ in timed], axis=0)
+        res[name] = (phases, np.max([m for _, m in timed], axis=0), max(warm[1] - phases[1], 0.0))
     n_roll_tok = B * G * R
     n_upd_tok = int(G * lens.sum() + cut.sum())  # the real prompt and response tokens the update trains on
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -220,18 +236,23 @@ def main(argv):
         print("| step ÷ off | " + " | ".join(f"{steps[n] / steps['off']:.3f}" for n in names) + " |")
     print("| rollout tokens/s | " + " | ".join(f"{n_roll_tok / res[n][0][1]:,.0f}" for n in names) + " |")
     print("| update tokens/s | " + " | ".join(f"{n_upd_tok / res[n][0][4]:,.0f}" for n in names) + " |")
-    print("| peak memory (GiB) | " + " | ".join(f"{res[n][1]:.2f}" for n in names) + " |")
+    print("| peak memory (GiB) | " + " | ".join(f"{res[n][1].max():.2f}" for n in names) + " |")
+    for i, label in enumerate(PHASES):
+        print(f"| peak memory: {label.split(' (')[0]} | " + " | ".join(f"{res[n][1][i]:.2f}" for n in names) + " |")
+    print("| warm-up step's extra rollout s (compilation) | " + " | ".join(f"{res[n][2]:.2f}" for n in names) + " |")
     if device.type == "cuda":
         peak = next((v for k, v in PEAKS.items() if k in dev), None)
         if peak:  # rollout bound: every decode step reads the weights once (bf16 under autocast) and the KV cache
             kv = 2 * layers * lm.config.num_key_value_heads * (H // lm.config.num_attention_heads) * (lens.mean() + R / 2) * 2
             seqs = (b.rollout_batch or B) * G
-            bound = lambda n: seqs * peak[1] / (n_params * (2 if "bf16" in n or n == "all" else 4) + seqs * kv)  # noqa: E731
+            bound = lambda n: seqs * peak[1] / (n_params * (2 if n in ("bf16", "all", "static") else 4) + seqs * kv)  # noqa: E731
             print("| update MFU | " + " | ".join(f"{6 * n_params * n_upd_tok / res[n][0][4] / peak[0]:.1%}" for n in names) + " |")
             print("| rollout ÷ bandwidth bound | " + " | ".join(f"{n_roll_tok / res[n][0][1] / bound(n):.1%}" for n in names) + " |")
         else:
             print(f"no peak figures for {dev}: add it to PEAKS for the update's MFU and the rollout's bandwidth bound")
-    return {n: {"phases": res[n][0].tolist(), "step": steps[n], "peak_gib": res[n][1]} for n in names}
+    return {n: {"phases": res[n][0].tolist(), "step": steps[n], "peak_gib": float(res[n][1].max()),
+                "phase_peak_gib": res[n][1].tolist(), "compile_s": float(res[n][2]),
+                "rollout_tokens_per_s": n_roll_tok / res[n][0][1]} for n in names}
 
 
 if __name__ == "__main__":
