@@ -38,7 +38,7 @@ import tb_loss
 import train
 import update
 import verify
-from experiments import baselines, bench, compare, gpu_check, methods, run as lab_run, selectors, study, zphi_replay
+from experiments import baselines, bench, compare, gpu_check, methods, run as lab_run, selectors, static_oracle, study, zphi_replay
 from tasks import exact, smollm2, testbed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1922,6 +1922,32 @@ def test_oracle_picks_the_true_nearest_prompts_on_a_hand_made_pool():
     assert cache(np.arange(8)) is exact and cache.forget() == 0.0 and cache.key is None
 
 
+def test_static_oracle_measures_once_resumes_and_selects_nearest_tau(small_testbed, tmp_path):
+    """experiments/static_oracle.py: every training prompt's sampled accuracy under the initial model, continued
+    from its partial file after a stop with the same numbers; select=static then keeps, of each pool, the B
+    candidates nearest τ by that file; a file of another length is refused, named."""
+    args = run_args(small_testbed, str(tmp_path / "unused"))[:4] + ["--max_new_tokens=6", "--testbed_dir=" + small_testbed]
+    full = str(tmp_path / "acc.json")
+    rec = static_oracle.main(args + ["--samples=2", "--chunk=150", f"--out={full}"])
+    assert rec["prompts"] == 400 and len(rec["acc"]) == 400 and set(rec["acc"]) <= {0.0, 0.5, 1.0}
+    assert 0 < rec["mean"] == pytest.approx(np.mean(rec["acc"])) and not os.path.exists(full + ".partial")
+    part = str(tmp_path / "part.json")
+    with open(part + ".partial", "w") as f:  # a measurement stopped after its first chunk
+        json.dump({"acc": rec["acc"][:150]}, f)
+    assert static_oracle.main(args + ["--samples=2", "--chunk=150", f"--out={part}"])["acc"] == rec["acc"]
+    out = str(tmp_path / "run")
+    lab_run.main(run_args(small_testbed, out, max_steps=2, eval_every=2, method="tb_static_oracle", accuracy_file=full))
+    acc, chosen = np.array(rec["acc"]), [[g[0] for g in r["groups"]] for r in read_metrics(out) if "groups" in r]
+    pool = scheduler.PromptPool(400, 16, 0)
+    for step in range(2):
+        cand = pool.next()
+        assert sorted(chosen[step]) == sorted(cand[scheduler.pick(acc[cand], 4, 0.5, 0)].tolist())
+    with open(part, "w") as f:
+        json.dump({"acc": rec["acc"][:10]}, f)
+    with pytest.raises(SystemExit, match="holds 10 accuracies, this run's training split has 400"):
+        lab_run.main(run_args(small_testbed, str(tmp_path / "bad"), max_steps=1, method="tb_static_oracle", accuracy_file=part))
+
+
 @pytest.mark.parametrize("kw", [{"select": "history", "history_forget": "0.8", "quality_every": "2"}, {"select": "regress"},
                                 {"select": "hybrid"}, {"algo": "grpo", "select": "oracle"}])
 def test_selectors_train_log_their_quality_and_resume_exactly(small_testbed, tmp_path, kw):
@@ -2550,6 +2576,7 @@ IMPORTS = {
     "experiments.study": ["eval", "experiments.compare"],
     "experiments.bench": ["config", "lm", "paced_rl", "replay", "scheduler", "static_decode", "tb_loss", "update", "verify"],
     "experiments.gpu_check": ["lm", "static_decode", "tasks.testbed"],
+    "experiments.static_oracle": ["config", "data", "distributed", "rollout", "tasks"],
     "experiments.zphi_replay": ["config", "data", "distributed", "experiments.compare", "metrics", "paced_rl"],
 }
 

@@ -49,6 +49,10 @@ METHODS = {  # name: (what it is, its config fields)
     "tb_regress": ("the TB loss with a regressor on e(x) as the selector", {"algo": "paced", "select": "regress"}),
     "tb_hybrid": ("the TB loss with history whose prior mean is Z_φ's p̂", {"algo": "paced", "select": "hybrid"}),
     "tb_oracle": ("the TB loss with the exact-accuracy oracle (testbed only)", {"algo": "paced", "select": "oracle"}),
+    "tb_static_oracle": ("the TB loss selecting by the initial policy's measured accuracy (SmolLM2's file by default)",
+                         {"algo": "paced", "select": "static", "accuracy_file": "results/smollm2_study/initial_accuracy.json"}),
+    "grpo_static_oracle": ("GRPO selecting by the initial policy's measured accuracy (SmolLM2's file by default)",
+                           {"algo": "grpo", "select": "static", "accuracy_file": "results/smollm2_study/initial_accuracy.json"}),
     "tb_hybrid_greedy": ("the hybrid selector without exploration slots",
                          {"algo": "paced", "select": "hybrid", "explore_frac": 0.0}),
 }

@@ -43,8 +43,8 @@ def check_lab(cfg, base: baselines.BaselineConfig, study: selectors.StudyConfig)
     if base.algo == "flowrl" and (study.select != "uniform" or cfg.replay != "off"):
         raise SystemExit(f"config: algo=flowrl samples uniformly without replay (the baseline as published); got "
                          f"select={study.select}, replay={cfg.replay}: those are PACED-RL's switches")
-    if base.algo == "grpo" and (study.select not in ("uniform", "oracle", "history", "regress") or cfg.replay != "off"):
-        raise SystemExit(f"config: algo=grpo takes select=uniform | oracle | history | regress and no replay; got "
+    if base.algo == "grpo" and (study.select not in ("uniform", "oracle", "static", "history", "regress") or cfg.replay != "off"):
+        raise SystemExit(f"config: algo=grpo takes select=uniform | oracle | static | history | regress and no replay; got "
                          f"select={study.select}, replay={cfg.replay} (paced and hybrid read Z_φ, which only the TB loss trains)")
     if study.select == "oracle" and (cfg.verifier != "testbed" or study.exact_metrics == "off"):
         raise SystemExit("config: select=oracle needs exact accuracies, which only the testbed's exact-match verifier "

@@ -11,15 +11,18 @@ nearest τ (scheduler.pick); they differ in the predictor (`--select`):
   (or the posterior mean) per candidate.
 - `hybrid`: the history's Beta posterior with Z_φ's p̂ as its prior mean (n₀ pseudo-counts).
 - `oracle`: the exact current accuracy (tasks/exact.py; the testbed only), greedy: the bound for this rule.
+- `static`: the initial policy's accuracy on each prompt, measured once by sampling (`accuracy_file`, written by
+  experiments/static_oracle.py), greedy: a bound for any task, knowing every prompt at step 0 and nothing later.
 
 `paced`, `regress` and `hybrid` give `explore_frac` of the slots to candidates the rule passed over; `history`
-explores through its Thompson draw and `oracle` needs no exploration. Every rank holds the same state (the
+explores through its Thompson draw and the oracles need no exploration. Every rank holds the same state (the
 same observations, gathered; the same RNG), so every rank chooses the same prompts.
 
 `Measured` wraps any selector with the quality of each choice from exact accuracies (`exact_metrics=on`);
 `StudyProbe` adds the study's metrics: exact held-out accuracy, the per-group record, Z_φ's diagnostics.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,7 +38,8 @@ from tasks import exact as exact_lib
 
 @dataclass
 class StudyConfig:
-    select: str = "paced"  # the predictor that picks B of the pool near τ: paced | uniform | history | regress | hybrid | oracle
+    select: str = "paced"  # the predictor that picks B of the pool near τ: paced | uniform | history | regress | hybrid | oracle | static
+    accuracy_file: str = ""  # select=static: each training prompt's initial accuracy (experiments/static_oracle.py)
     history_forget: float = 1.0  # history / hybrid: λ, old evidence discounted per observation (MoPPS: 1, none)
     history_prior_a: float = 1.0  # history: Beta prior α₀ of a prompt never rolled out (MoPPS: 1)
     history_prior_b: float = 1.0  # history: Beta prior β₀ (MoPPS: 1)
@@ -49,7 +53,7 @@ class StudyConfig:
 
 RANGES = {"history_forget": "(0, 1]", "history_prior_a": "(0, inf)", "history_prior_b": "(0, inf)", "hybrid_n0": "(0, inf)",
           "regress_lr": "(0, inf)", "quality_every": "[1, inf)"}
-CHOICES = {"select": ("paced", "uniform", "history", "regress", "hybrid", "oracle"), "history_draw": ("thompson", "mean"),
+CHOICES = {"select": ("paced", "uniform", "history", "regress", "hybrid", "oracle", "static"), "history_draw": ("thompson", "mean"),
            "exact_metrics": ("auto", "on", "off")}
 
 
@@ -132,6 +136,21 @@ class Exact:
         return s
 
 
+def static_accuracy(path: str, n: int) -> np.ndarray:
+    """The accuracy file of experiments/static_oracle.py, checked against the n training prompts this run loaded."""
+    import json
+
+    if not path or not os.path.exists(path):
+        raise SystemExit(f"select=static: no accuracy file {path!r}; measure one with `python -m experiments.static_oracle "
+                         f"--preset=... --out=FILE` and pass --accuracy_file=FILE")
+    with open(path) as f:
+        acc = np.asarray(json.load(f)["acc"], dtype=np.float64)
+    if acc.shape != (n,):
+        raise SystemExit(f"select=static: {path} holds {acc.size} accuracies, this run's training split has {n} prompts "
+                         f"(another data file, or another max_prompt_tokens)")
+    return acc
+
+
 class StudySelector:
     """uniform, history, hybrid, regress and oracle (module docstring); the same methods as scheduler.PacedSelector."""
 
@@ -143,7 +162,9 @@ class StudySelector:
         self.rng = np.random.default_rng(seed_of(cfg.seed, 3))
         n = len(run.prompts.train.toks)
         self.history = History(n, lab.history_forget) if lab.select in ("history", "hybrid") else None
-        self.emb = self.head = self.opt = None
+        self.emb = self.head = self.opt = self.static = None
+        if lab.select == "static":
+            self.static = static_accuracy(lab.accuracy_file, n)
         if lab.select in ("regress", "hybrid", "paced"):
             self.emb = run.embeddings()[0]
         if lab.select == "regress":
@@ -163,6 +184,8 @@ class StudySelector:
         lab, s = self.lab, self.lab.select
         if s == "oracle":
             return self.exact(idx)
+        if s == "static":
+            return self.static[np.asarray(idx, dtype=np.int64)]
         if s == "history":
             return self.history.mean(idx, lab.history_prior_a, lab.history_prior_b)
         if s == "hybrid":
