@@ -2259,15 +2259,19 @@ def test_compare_table_has_a_real_models_columns(tmp_path):
 def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
     """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
     held = tmp_path / "held.jsonl"
-    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv}) + "\n"
-                            for i, lv in enumerate(["easy", "hard", "easy", "hard"])))
+    held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1", "level": lv, "form": fm}) + "\n"
+                            for i, (lv, fm) in enumerate(zip(["easy", "hard", "easy", "hard"], ["bare", "bare", "bare", "word"]))))
     for s, acc in enumerate([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.0, 1.0]]):
         fake_run(tmp_path, f"grpo_s{s}", [0.2, 0.4])
         (tmp_path / f"grpo_s{s}" / "heldout_final.json").write_text(json.dumps({"samples": 2, "acc": acc, "p_hat": None}))
         (tmp_path / f"grpo_s{s}" / "config.json").write_text(json.dumps({"eval_data": str(held)}))
     table = compare.compare(str(tmp_path), str(tmp_path / "out"))
-    assert "| method | easy (2) | hard (2) |" in table
-    assert "| grpo | 0.375 | 0.375 |" in table  # easy: seeds 0.75 and 0.0, median 0.375; hard: 0.25 and 0.5
+    assert "| method | easy (2) | hard (2) |" in table  # easy: seeds 0.75 and 0.0, median 0.375; hard: 0.25 and 0.5
+    assert "| grpo | 0.375 [0.000, 0.750] | 0.375 [0.250, 0.500] |" in table
+    assert "by phrasing" in table and "| method | bare (3) | word (1) |" in table
+    assert "| grpo | 0.250 [0.000, 0.500] | 0.750 [0.500, 1.000] |" in table  # bare: 0.5 and 0.0; word: 0.5 and 1.0
+    assert compare.write_levels(str(tmp_path / "grpo_s0")) == {"eval_data": ["easy", "hard", "easy", "hard"],
+                                                               "eval_data:form": ["bare", "bare", "bare", "word"]}
     held.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "1"}) + "\n" for i in range(4)))
     assert "by difficulty level" not in compare.compare(str(tmp_path), str(tmp_path / "out2"))  # no levels: no table
 

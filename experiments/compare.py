@@ -122,13 +122,16 @@ def levels_of(path: str, n=None, field: str = "level"):
     return [x[field] for x in rows] if n in (None, len(rows)) and all(field in x for x in rows) else None
 
 
-def run_levels(run: dict, key: str, n=None):
-    """The levels of a run's `train_data` or `eval_data` (key): from the run's own levels.json where it has one
-    (a record, which must not depend on data files a fresh clone lacks), else from the data file itself."""
-    lv = run.get("levels", {}).get(key)
+LABELS = ("level", "form")  # the label fields a record keeps: the difficulty level, the phrasing (SmolLM2's task)
+
+
+def run_levels(run: dict, key: str, n=None, field: str = "level"):
+    """The `field` labels of a run's `train_data` or `eval_data` (key): from the run's own levels.json where it has
+    them (a record, which must not depend on data files a fresh clone lacks), else from the data file itself."""
+    lv = run.get("levels", {}).get(key if field == "level" else f"{key}:{field}")
     if lv is not None:
         return lv if n in (None, len(lv)) else None
-    return levels_of(run["config"].get(key, ""), n)
+    return levels_of(run["config"].get(key, ""), n, field)
 
 
 def run_config(run_dir: str) -> dict:
@@ -142,23 +145,25 @@ def run_config(run_dir: str) -> dict:
 
 
 def write_levels(run_dir: str) -> dict:
-    """Writes <run_dir>/levels.json: the `level` of every row of the run's train_data and eval_data (those that
-    have levels), so that the by-level tables can be rebuilt from the run's record alone."""
+    """Writes <run_dir>/levels.json: the `level` (key: train_data, eval_data) and the `form` (key: train_data:form,
+    eval_data:form) of every row of the run's data files, where they have them, so that the by-level and
+    by-phrasing tables can be rebuilt from the run's record alone."""
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
-    out = {k: lv for k in ("train_data", "eval_data") if (lv := levels_of(cfg.get(k, ""))) is not None}
+    out = {(k if f == "level" else f"{k}:{f}"): lv for k in ("train_data", "eval_data") for f in LABELS
+           if (lv := levels_of(cfg.get(k, ""), None, f)) is not None}
     with open(os.path.join(run_dir, "levels.json"), "w") as f:
         json.dump(out, f)
     return out
 
 
-def by_level(runs: dict) -> list:
-    """Markdown lines: each method's final held-out accuracy per `level` of the held-out rows (the smollm2
-    task's difficulty levels), median over seeds; [] where a run's held-out file is gone or has no levels."""
+def by_level(runs: dict, field: str = "level") -> list:
+    """Markdown lines: each method's final held-out accuracy per `level` (or `form`: the phrasing) of the held-out
+    rows (the smollm2 task's), median over seeds; [] where a run's held-out file is gone or has no such labels."""
     levels = None
     for rs in runs.values():
         for r in rs:
-            mine = run_levels(r, "eval_data", len(r["final"]["acc"]))
+            mine = run_levels(r, "eval_data", len(r["final"]["acc"]), field)
             if mine is None or levels not in (None, mine):
                 return []  # no levels, or runs on different held-out sets: no common breakdown
             levels = mine
@@ -166,12 +171,18 @@ def by_level(runs: dict) -> list:
         return []
     names = list(dict.fromkeys(levels))
     counts = {n: levels.count(n) for n in names}
-    lines = ["", "Final held-out accuracy by difficulty level (the held-out rows' `level`; median over seeds):", "",
+    what = "difficulty level" if field == "level" else "phrasing" if field == "form" else field
+    lines = ["", f"Final held-out accuracy by {what} (the held-out rows' `{field}`; median over seeds, range):", "",
              "| method | " + " | ".join(f"{n} ({counts[n]})" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for m, rs in runs.items():
         acc = [{n: float(np.mean([a for a, lv in zip(r["final"]["acc"], levels) if lv == n])) for n in names} for r in rs]
-        lines.append(f"| {m} | " + " | ".join(f"{np.median([a[n] for a in acc]):.3f}" for n in names) + " |")
+        lines.append(f"| {m} | " + " | ".join(med_range([a[n] for a in acc]) for n in names) + " |")
     return lines
+
+
+def med_range(xs) -> str:
+    """The median of the seeds' values and their range, as the tables give it."""
+    return f"{np.median(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def run_chosen_shares(r: dict):
@@ -184,7 +195,7 @@ def run_chosen_shares(r: dict):
         return {g: float(np.mean([x["chosen_share"][g] for x in rows])) for g in rows[0]["chosen_share"]}, data
     chosen = [[g[0] for g in x["groups"]] for x in r["rows"] if x.get("groups")]
     labels = {"level": run_levels(r, "train_data")}
-    labels["form"] = levels_of(r["config"].get("train_data", ""), len(labels["level"]) if labels["level"] else None, "form")
+    labels["form"] = run_levels(r, "train_data", len(labels["level"]) if labels["level"] else None, "form")
     labels = {f: lv for f, lv in labels.items() if lv is not None}
     if not chosen or not labels or len({len(lv) for lv in labels.values()}) > 1:
         return None
@@ -376,6 +387,7 @@ def compare(root: str, out: str, targets=("grpo", "flowrl", "paced_replay_only")
         for m, cs in checks.items():
             lines.append(f"| {m} | " + " | ".join(f"{np.median([c[k] for c in cs]):.3f}" for k in ("uniform", "by_p_hat", "oracle")) + " |")
     lines += by_level(runs)
+    lines += by_level(runs, "form")
     lines += chosen_shares(runs)
     groups = {m: g for m, rs in runs.items() if None not in (g := [train_groups(r) for r in rs])}  # methods with p̂
     if groups:  # runs that log each step's groups and p̂
