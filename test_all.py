@@ -2256,6 +2256,24 @@ def test_compare_table_has_a_real_models_columns(tmp_path):
     assert "greedy acc" not in compare.compare(str(tmp_path), str(tmp_path / "out2"))
 
 
+def test_same_rows_tells_a_reproduced_record_from_another_run(tmp_path):
+    """compare --same_rows: equal rows on the keys both log (timings and later-added metrics aside) reproduce; any
+    other difference names the step and the keys; the command's exit status says which."""
+    def rows(name, rs):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+        return str(tmp_path / name)
+
+    a = rows("a", [{"step": 0, "loss": 1.0, "step_s": 3.0}, {"step": 1, "loss": 0.5, "step_s": 2.0}])
+    b = rows("b", [{"step": 0, "loss": 1.0, "step_s": 9.0, "chosen_share": {"x": 1}}, {"step": 1, "loss": 0.5}])
+    c = rows("c", [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.6}])
+    assert compare.same_rows(a, b) == "the same rows (2), timings aside; logged by one only: chosen_share"
+    assert compare.same_rows(a, c) == "they differ from step 1: loss"
+    assert compare.main([f"--same_rows={a},{b}"]).startswith("the same rows")
+    with pytest.raises(SystemExit):
+        compare.main([f"--same_rows={a},{c}"])
+
+
 def test_compare_breaks_final_accuracy_down_by_level(tmp_path):
     """Held-out rows with a `level` field (the smollm2 task) get a table of final accuracy per level."""
     held = tmp_path / "held.jsonl"

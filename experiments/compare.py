@@ -4,6 +4,7 @@
     python -m experiments.compare --runs=runs/a,runs/b --out=runs/ab  # any finished runs, or directories of them
     python -m experiments.compare --agree=runs/one,runs/two          # where two runs of one config part (1 vs 2 processes)
     python -m experiments.compare --write_levels=runs/x              # a run's data levels into its levels.json
+    python -m experiments.compare --same_rows=runs/a,runs/b          # whether a rerun reproduces a record, row by row
 
 A run is a directory with metrics.jsonl, config.json and heldout_final.json (train.py writes them), and
 optionally levels.json (the data rows' levels, for the by-level tables where the data files are absent). Every
@@ -454,8 +455,32 @@ def agreement(run_a: str, run_b: str) -> dict:
             "final_eval_acc": (a[-1].get("eval_acc"), b[-1].get("eval_acc"))}
 
 
+def same_rows(a: str, b: str) -> str:
+    """Whether two runs' metrics.jsonl rows are equal on the keys both log, timings (`*_s`) aside: "the same rows
+    (N)" or where they part. A key only one of them logs (a metric added later) is named, not compared."""
+    rows = []
+    for d in (a, b):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            rows.append([{k: v for k, v in json.loads(line).items() if not k.endswith("_s")} for line in f if line.strip()])
+    only = set()
+    for x, y in zip(*rows):
+        only |= set(x) ^ set(y)
+        keys = sorted(k for k in set(x) & set(y) if x[k] != y[k])
+        if keys:
+            return f"they differ from step {x.get('step')}: {', '.join(keys[:8])}"
+    if len(rows[0]) != len(rows[1]):
+        return f"they differ in length: {len(rows[0])} and {len(rows[1])} rows"
+    return f"the same rows ({len(rows[0])}), timings aside" + (f"; logged by one only: {', '.join(sorted(only))}" if only else "")
+
+
 def main(argv):
     args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "same_rows" in args:
+        out = same_rows(*args["same_rows"].split(","))
+        print(out)
+        if not out.startswith("the same rows"):
+            raise SystemExit(1)
+        return out
     if "agree" in args:
         out = agreement(*args["agree"].split(","))
         print(json.dumps(out))

@@ -68,6 +68,8 @@ GROUPS = {  # the names each experiment loops over
     "estimator": ["paced", "paced_sigmoid", "paced_linear", "paced_replay_group", "paced_replay_trains_logz"],
     "golden": ["paced", "grpo", "grpo_dynamic", "flowrl"],  # test_all.py's frozen runs
     "smollm2_study": ["grpo", "grpo_history", "grpo_dynamic", "paced_replay_only", "paced"],  # experiments/smollm2_study.sh
+    "smollm2_again": ["paced_replay_only", "paced", "tb_static_oracle"],  # experiments/smollm2_again.sh, budgets A and B
+    "smollm2_budget": ["grpo", "paced", "tb_static_oracle"],  # experiments/smollm2_again.sh, budget C
 }
 
 
