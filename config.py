@@ -74,7 +74,7 @@ class Config:
     replay_per_step: int = 16  # replayed samples joining each update (paper: not given)
     replay_anchor: str = "current"  # π_old of a replayed sample: current (this update's) | behavior
     replay_is_clip: float = 1.0  # replayed weight min(clip, π_θold/π_behavior), detached; 0 = no weight
-    replay_trains_logz: str = "off"  # replayed samples train Z_φ: off | raw (reward 1) | group (their group's a(x))
+    replay_trains_logz: str = "group"  # replayed samples train Z_φ: group (toward their group's a(x)) | raw | off
     # --- optimization
     lr: float = 2e-4  # policy learning rate (AdamW); 3e-4 is unstable on the testbed; paper: 1e-6 at 1.5B
     logz_lr: float = 1e-2  # Z_φ learning rate (Adam): a small MLP wants a far larger one than the LLM

@@ -30,7 +30,7 @@ METHODS = {  # name: (what it is, its config fields)
     "paced_explore": ("half of the B slots drawn uniformly from the rest of the pool", {"algo": "paced", "explore_frac": 0.5}),
     "paced_one_lr": ("Z_φ's layers at one Adam lr whatever their width", {"algo": "paced", "logz_lr_fan_in": 0}),
     "paced_replay_trains_logz": ("replayed (correct-only) samples also train Z_φ, reward 1", {"algo": "paced", "replay_trains_logz": "raw"}),
-    "paced_replay_group": ("replayed samples train Z_φ toward their group's accuracy", {"algo": "paced", "replay_trains_logz": "group"}),
+    "paced_replay_logz_off": ("replayed samples train θ only, not Z_φ", {"algo": "paced", "replay_trains_logz": "off"}),
     "paced_sigmoid": ("Z_φ's output through a sigmoid with its own gradient (it can trap a prompt at p̂ ≈ 0)",
                       {"algo": "paced", "logz_output": "sigmoid"}),
     "paced_linear": ("Z_φ's output unbounded (the paper's class), p̂ clipped where used", {"algo": "paced", "logz_output": "linear", "logz_lr": 3e-3}),
@@ -65,7 +65,7 @@ GROUPS = {  # the names each experiment loops over
     "study": ["grpo", "grpo_dynamic", "grpo_history", "grpo_oracle", "paced", "tb_history", "tb_regress", "tb_hybrid",
               "tb_oracle"],
     "study_zphi": ["paced_greedy", "tb_hybrid_greedy", "paced_mean_last"],
-    "estimator": ["paced", "paced_sigmoid", "paced_linear", "paced_replay_group", "paced_replay_trains_logz"],
+    "estimator": ["paced", "paced_sigmoid", "paced_linear", "paced_replay_logz_off", "paced_replay_trains_logz"],
     "golden": ["paced", "grpo", "grpo_dynamic", "flowrl"],  # test_all.py's frozen runs
     "smollm2_study": ["grpo", "grpo_history", "grpo_dynamic", "paced_replay_only", "paced"],  # experiments/smollm2_study.sh
     "smollm2_again": ["paced_replay_only", "paced", "tb_static_oracle"],  # experiments/smollm2_again.sh, budgets A and B
