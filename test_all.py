@@ -1038,8 +1038,9 @@ def test_training_run_learns(small_testbed, tmp_path):
 
 
 # The README's first command ends with a held-out accuracy in this band on any CPU: the range of the classroom run
-# over 3 seeds × 2 kernel sets (0.680–0.696; with the sigmoid head 0.655–0.699; RESULTS.md), widened by about 0.025.
-README_BAND = (0.63, 0.72)
+# over 3 seeds × 2 kernel sets (0.666–0.705; with replay not training Z_φ 0.680–0.696, with the sigmoid head
+# 0.655–0.699; RESULTS.md), widened by about 0.025.
+README_BAND = (0.64, 0.73)
 
 
 def test_the_readme_command_lands_in_its_band(tmp_path):
