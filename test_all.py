@@ -1311,7 +1311,7 @@ def test_bad_settings_end_with_one_line_before_any_work(arg, tmp_path):
 
 def test_baseline_config_conflicts_are_named():
     with pytest.raises(SystemExit, match=re.escape(
-            "config: algo=grpo takes select=uniform | oracle | history | regress and no replay; got select=paced, "
+            "config: algo=grpo takes select=uniform | oracle | static | history | regress and no replay; got select=paced, "
             "replay=off (paced and hybrid read Z_φ, which only the TB loss trains)")):
         lab_configs(["--algo=grpo", "--select=paced"])
     with pytest.raises(SystemExit, match=re.escape(
@@ -2373,13 +2373,16 @@ def test_chosen_shares_from_logged_rows_and_from_a_records_groups(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["paced", "paced_replay_only"])
-def test_zphi_replay_reproduces_the_runs_head_from_its_record(algo_runs, name):
+def test_zphi_replay_reproduces_the_runs_head_from_its_record(small_testbed, tmp_path, algo_runs, name):
     """experiments/zphi_replay.py retrains Z_φ from a run's logged groups alone: with the run's own settings it
     gives the logged raw outputs and gradient norms (the head's data are all in the record); another setting
-    gives another head."""
+    gives another head. Runs whose replay trains Z_φ (the default) keep part of its data out of the record, so
+    these runs set replay_trains_logz=off, as the tool requires."""
     from experiments import zphi_replay
 
-    run = str(algo_runs / f"{name}_s0")
+    run = str(tmp_path / f"{name}_s0")
+    lab_run.main(run_args(small_testbed, run, max_steps=4, eval_every=2, eval_samples=8, prompts_per_step=4, group_size=4,
+                          method=name, replay_trains_logz="off"))
     cfg, rows = zphi_replay.load_record(run)
     emb = zphi_replay.train_embeddings(run, cfg)
     own = zphi_replay.replay(cfg, rows, emb, cfg["logz_lr"], cfg["logz_lr_fan_in"], 0.5)
