@@ -107,9 +107,11 @@ def next_tokens(logits, gens: list, spec: Sampling, done, logprobs: list = None)
     B, G, V = len(gens), spec.group_size, logits.size(-1)
     if spec.temperature > 0:
         logits = logits / spec.temperature
-        u = torch.full((B, G, V), 0.5, device=logits.device)  # each prompt's noise from its own generator
+        u = torch.empty((B, G, V), device=logits.device)  # each prompt's noise from its own generator
         for b, g in enumerate(gens):
-            if g is not None:
+            if g is None:
+                u[b].fill_(0.5)  # a filler row: no draw
+            else:
                 torch.rand((G, V), generator=g, device=g.device, out=u[b])
         gumbel = u.view(B * G, V).clamp_(1e-20, 1 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u), in place
         tok = (logits + gumbel).argmax(-1)

@@ -50,7 +50,7 @@ def bucket(n: int, least: int = 1) -> int:
 class Bucket:
     """One shape's StaticCache and its decode step (compiled on CUDA)."""
 
-    def __init__(self, lm, rows: int, length: int, compile_step: bool):
+    def __init__(self, lm, rows: int, length: int, compile_step: bool, device):
         from transformers import StaticCache
 
         self.cache = StaticCache(config=lm.config, max_cache_len=length)
@@ -58,7 +58,7 @@ class Bucket:
         if kinds != {"StaticLayer"}:  # sliding-window layers keep a ring buffer that the prefill copy does not fill
             raise ValueError(f"sampler=static: {type(lm).__name__}'s static cache has layers {sorted(kinds)}; only full-"
                              "attention layers (StaticLayer) are supported: use --sampler=dynamic")
-        self.mask = None  # (rows, length) attention mask, written in place
+        self.mask = torch.zeros((rows, length), dtype=torch.long, device=device)  # attention mask, written in place
 
         def step(tok, mask, pos):
             out = lm(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
@@ -72,11 +72,11 @@ class Bucket:
         return logits.clone() if self.compiled else logits  # a CUDA graph's output is overwritten by its next replay
 
 
-def get_bucket(lm, rows: int, length: int, dtype, compile_step: bool) -> Bucket:
+def get_bucket(lm, rows: int, length: int, dtype, compile_step: bool, device) -> Bucket:
     kept = _buckets.setdefault(lm, collections.OrderedDict())
     key = (rows, length, dtype, compile_step)
     if key not in kept:
-        kept[key] = Bucket(lm, rows, length, compile_step)
+        kept[key] = Bucket(lm, rows, length, compile_step, device)
         while len(kept) > KEEP:
             kept.popitem(last=False)
     kept.move_to_end(key)
@@ -103,13 +103,11 @@ def generate(lm, prompt_ids, prompt_mask, gens: list, spec: Sampling, compile_st
     out = lm(input_ids=pid, attention_mask=pm, position_ids=pos, use_cache=True, **last_logits_only(lm))
     prefill, logits = out.past_key_values, out.logits[:, -1].float().repeat_interleave(G, 0)  # (Bp*G, V)
     del out
-    b = get_bucket(lm, Bp * G, Pp + R, prefill.layers[0].keys.dtype, compile_step)
+    b = get_bucket(lm, Bp * G, Pp + R, prefill.layers[0].keys.dtype, compile_step, device)
     b.cache.reset()
     for i, layer in enumerate(prefill.layers):  # each prompt's keys and values, copied to its G rows
         b.cache.update(layer.keys.repeat_interleave(G, 0), layer.values.repeat_interleave(G, 0), i)
     del prefill
-    if b.mask is None:
-        b.mask = torch.zeros((Bp * G, Pp + R), dtype=pm.dtype, device=device)
     b.mask.zero_()
     b.mask[:, :Pp] = pm.repeat_interleave(G, 0)
     next_pos = pos[:, -1:].repeat_interleave(G, 0) + 1

@@ -17,8 +17,8 @@ this file never asks which one it runs.
 Where we depart from or fill in the paper (each a config field): the candidate pool and exploration
 slots, the initial estimate p0, replayed samples drawn *before* this step's are added (a trajectory
 never appears twice in one update), replayed samples anchored on the current policy with a clipped
-importance weight and training Z_φ toward their group's accuracy. One optimizer step per rollout batch by default, so log π_old
-is the update's own forward pass, detached.
+importance weight and training Z_φ toward their group's accuracy. One optimizer step per rollout
+batch by default, so log π_old is the update's own forward pass, detached.
 
 Faults: checkpoints are atomic and checksummed (resume falls back past a damaged one), a NaN loss skips
 its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current step.
