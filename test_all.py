@@ -2352,6 +2352,20 @@ def test_compare_study_lines_give_ratios_verdicts_saturation_and_calibration_by_
     assert compare.compare(str(tmp_path), str(tmp_path / "out4")).count("| none (1 seed) |") == 1
 
 
+def test_oracle_share_is_defined_only_where_the_oracle_wins():
+    """Each method's share of the static oracle's gain over grpo, from median final accuracies; none where the
+    oracle ties grpo or wins only on rollouts with a median no higher."""
+    acc = {"grpo": [0.40, 0.42, 0.44], "tb_static_oracle": [0.50, 0.52, 0.55], "paced": [0.43, 0.47, 0.50],
+           "paced_replay_only": [0.38, 0.40, 0.41]}
+    lines = compare.oracle_share(acc, {"grpo": "–", "tb_static_oracle": "win", "paced": "tie", "paced_replay_only": "tie"},
+                                 "grpo", "tb_static_oracle")
+    assert "= +0.100 in median" in lines[1]
+    assert lines[3:] == ["- paced: +0.50", "- paced_replay_only: -0.20"]
+    for verdict, oracle in (("tie", [0.50, 0.52, 0.55]), ("win", [0.38, 0.42, 0.43])):
+        lines = compare.oracle_share({**acc, "tb_static_oracle": oracle}, {"tb_static_oracle": verdict}, "grpo", "tb_static_oracle")
+        assert len(lines) == 2 and "none defined" in lines[1] and f": {verdict}, medians" in lines[1]
+
+
 def test_chosen_shares_from_logged_rows_and_from_a_records_groups(tmp_path):
     """The study table's starvation line: each method's chosen share per labelled group against the data's, from the
     logged `chosen_share` rows, or rebuilt from a record's `groups` and its training rows' level / form."""

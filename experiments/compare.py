@@ -253,12 +253,27 @@ def _calib_cells(p, a) -> str:
     return f"{r} / {c['acc_est_abs_err']:.3f} / {np.mean(p):.2f} vs {np.mean(a):.2f} / {np.std(p):.2f}"
 
 
-def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
+def oracle_share(acc: dict, verdicts: dict, ref: str, oracle: str) -> list:
+    """Markdown lines: each method's share of the oracle's gain over ref in final sampled accuracy,
+    (median of the method − median of ref) / (median of the oracle − median of ref). Defined only where the oracle
+    beats ref by the study's rule and its median lies above ref's; otherwise one line says why there is none."""
+    med = {m: float(np.median(a)) for m, a in acc.items()}
+    gain = med[oracle] - med[ref]
+    if verdicts[oracle] != "win" or gain <= 0:
+        return ["", f"Share of the oracle's gain: none defined. `{oracle}` against `{ref}`: {verdicts[oracle]}, medians "
+                f"{med[oracle]:.3f} and {med[ref]:.3f}; an oracle that does not beat `{ref}` by the rule leaves no gain to share."]
+    out = ["", f"Share of the oracle's gain over `{ref}` (`{oracle}` − `{ref}` = {gain:+.3f} in median final sampled "
+           f"accuracy): (median of the method − median of `{ref}`) ÷ that gain.", ""]
+    return out + [f"- {m}: {(med[m] - med[ref]) / gain:+.2f}" for m in acc if m not in (ref, oracle)]
+
+
+def study_lines(runs: dict, groups: dict, ref: str = "grpo", oracle: str = "tb_static_oracle") -> list:
     """Markdown lines for a study against `ref` (the SmolLM2 study, RESULTS.md): per method the final sampled
     accuracy, rollouts to ref's final accuracy as a ratio to ref's (per seed over ref's median), the chosen
     groups' all-equal share (ref's draws are uniform: the pool's), the verdict by the study's win rule; then
     p̂'s calibration per method on the training prompts (each step's groups) and on the held-out questions,
-    overall and by level. groups: {method: [train_groups of each seed]} for the methods with p̂."""
+    overall and by level; where `oracle` ran, each method's share of the oracle's gain over ref (`oracle_share`).
+    groups: {method: [train_groups of each seed]} for the methods with p̂."""
     if ref not in runs:
         return []
     acc = {m: [eval_curve(r["rows"])[-1][1] for r in rs] for m, rs in runs.items()}  # the curves' own last value
@@ -272,6 +287,7 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
              "questions with p̂ there at the end.", "",
              f"| method | final sampled acc | rollouts to {target:.3f}, ÷ {ref}'s | all-equal share | median step (s) "
              f"| p̂ saturated: steps / held-out share | verdict |", "|---|---|---|---|---|---|---|"]
+    verdicts = {}
     for m, rs in runs.items():
         reach = [rollouts_to_reach(eval_curve(r["rows"]), target) for r in rs]
         ratio = [None if x is None or not ref_reach else x / ref_reach for x in reach]
@@ -292,6 +308,9 @@ def study_lines(runs: dict, groups: dict, ref: str = "grpo") -> list:
         step = [float(np.median([x["step_s"] for x in r["rows"] if "step_s" in x])) for r in rs]  # robust to a stall
         lines.append(f"| {m} | {seed_stat(acc[m])} | {seed_stat(ratio, '{:.2f}')} | {seed_stat(share)} | "
                      f"{seed_stat(step, '{:.1f}')} | {sat or '–'} | {verdict} |")
+        verdicts[m] = verdict
+    if oracle in runs:
+        lines += oracle_share(acc, verdicts, ref, oracle)
     if not groups:
         return lines
     lines += ["", "p̂'s calibration, pooled over seeds: Pearson r / mean abs(p̂ − a) / mean p̂ vs mean a / standard "
