@@ -6,6 +6,10 @@
 #      selecting nearest τ by it, 3 seeds;
 #   C. a budget where prompts recur: 16 prompts a step, pool 64, 32 steps; grpo, paced and the static oracle,
 #      seed 0 of each first, then seeds 1 and 2.
+# Every run pins --dtype=float32 (the preset's dtype=auto means bf16 on a CPU with native bf16 instructions, and
+# the study's records were made on one), so that the records reproduce on any CPU. Where the GRPO records are
+# not reused, grpo runs beside the A arms (it is their reference) and grpo_history and grpo_dynamic after C's
+# seed 0.
 # Every part is experiments/smollm2_study.sh (records committed to results/, finished runs skipped, interrupted runs
 # resumed), so this script can be stopped at any point and run again. 15 to 25 minutes a run at budget A on 2 CPU
 # cores, about twice that at budget C: several sittings in all.
@@ -17,9 +21,9 @@ STUDY=results/smollm2_study
 AGAIN=results/smollm2_again
 BUDGET=results/smollm2_budget
 ORACLE=$STUDY/initial_accuracy.json
-again() { OUT=runs/smollm2_again RESULTS=$AGAIN RECORDS=$AGAIN/runs bash experiments/smollm2_study.sh "$@"; }
+again() { OUT=runs/smollm2_again RESULTS=$AGAIN RECORDS=$AGAIN/runs bash experiments/smollm2_study.sh --dtype=float32 "$@"; }
 budget() { OUT=runs/smollm2_budget RESULTS=$BUDGET RECORDS=$BUDGET/runs bash experiments/smollm2_study.sh \
-  --prompts_per_step=16 --pool_size=64 --max_steps=32 "$@"; }
+  --dtype=float32 --prompts_per_step=16 --pool_size=64 --max_steps=32 "$@"; }
 
 # A, seed 0
 SEEDS=0 ONLY="paced paced_replay_only" again
@@ -34,16 +38,17 @@ if grep -q "^the same rows" $AGAIN/grpo_reuse.txt; then
   for m in grpo grpo_history grpo_dynamic; do for s in 0 1 2; do
     [ -d $AGAIN/runs/${m}_s$s ] || cp -r $STUDY/runs/${m}_s$s $AGAIN/runs/
   done; done
-  GRPO=""
-else
-  GRPO="grpo grpo_history grpo_dynamic"
+  GRPO="" OTHERS=""
+else  # the check's run is grpo seed 0 under today's code
+  [ -d $AGAIN/runs/grpo_s0 ] || cp -r $AGAIN/grpo_check/runs/grpo_s0 $AGAIN/runs/
+  GRPO="grpo" OTHERS="grpo_history grpo_dynamic"
 fi
 # A, seeds 1 and 2
-SEEDS="1 2" ONLY="paced paced_replay_only" again
+SEEDS="1 2" ONLY="paced paced_replay_only $GRPO" again
 # B: the oracle's file, then its runs
-[ -f $ORACLE ] || $PY -m experiments.static_oracle --preset=smollm2_arith --samples=16 --out=$ORACLE
+[ -f $ORACLE ] || $PY -m experiments.static_oracle --preset=smollm2_arith --dtype=float32 --samples=16 --out=$ORACLE
 ONLY=tb_static_oracle again
-[ -z "$GRPO" ] || ONLY="$GRPO" again
-# C: seed 0 of each arm, then the rest
+# C: seed 0 of each arm; the other GRPO arms at budget A; then C's seeds 1 and 2
 SEEDS=0 ONLY="grpo paced tb_static_oracle" budget
+[ -z "$OTHERS" ] || ONLY="$OTHERS" again
 SEEDS="1 2" ONLY="grpo paced tb_static_oracle" budget
