@@ -1119,18 +1119,23 @@ def golden_run(small_testbed, tmp_path, name):
 # MKL_CBWR=COMPATIBLE; one thread or two gave identical bits): the first sampled token flipped at step 21 (paced,
 # MKL's portable path), so the runs stop at step 12; before it the largest float difference was 7.3e-3 relative
 # (beta_kl, a small difference of log-probs; every other metric < 1e-3). GOLDEN_RTOL leaves a margin of 2.7.
+# Measured again on a CPU with AVX-512 (2026-12-06): natively its kernels move paced's step-10 beta_kl by 3.5e-2,
+# grad_norm by 1.4e-2 and eval_acc_est_corr_exact (a correlation near 0.08) by 8.4e-3 from the file, every count
+# still exact; its avx2 and default kernel sets stay within 3.5e-3. Those three metrics get 2.7 times their largest
+# measured difference; every other float keeps GOLDEN_RTOL.
 # A change to the loop flips the discrete numbers or moves the floats by far more.
 GOLDEN_EXACT = {"step", "rollouts", "reward_mean", "resp_len", "zero_var_frac", "truncated_frac", "replay_size", "replayed",
                 "train_prompts", "skipped_updates", "verifier_errors", "eval_acc", "eval_pass_at_k"}
 GOLDEN_STEPS, GOLDEN_RTOL, GOLDEN_ATOL = 12, 2e-2, 1e-12
+GOLDEN_RTOL_OF = {"beta_kl": 0.1, "grad_norm": 0.04, "eval_acc_est_corr_exact": 0.025}
 
 
-def golden_close(want, have) -> bool:
+def golden_close(want, have, rtol: float = GOLDEN_RTOL) -> bool:
     """Equal, float leaves (in lists too: a group's p̂) within the tolerance, everything else exactly."""
     if isinstance(want, float) and isinstance(have, float):
-        return abs(have - want) <= GOLDEN_RTOL * max(abs(have), abs(want)) + GOLDEN_ATOL
+        return abs(have - want) <= rtol * max(abs(have), abs(want)) + GOLDEN_ATOL
     if isinstance(want, list) and isinstance(have, list):
-        return len(want) == len(have) and all(golden_close(w, h) for w, h in zip(want, have))
+        return len(want) == len(have) and all(golden_close(w, h, rtol) for w, h in zip(want, have))
     return type(want) is type(have) and want == have
 
 
@@ -1139,7 +1144,7 @@ def golden_differences(ref: dict, got: dict) -> dict:
     diff = {}
     for k, want in ref.items():
         have = got.get(k, "<missing>")
-        if not (have == want if k in GOLDEN_EXACT else golden_close(want, have)):
+        if not (have == want if k in GOLDEN_EXACT else golden_close(want, have, GOLDEN_RTOL_OF.get(k, GOLDEN_RTOL))):
             diff[k] = (want, have)
     return diff
 
@@ -1171,6 +1176,10 @@ def test_golden_comparison_catches_what_it_should():
     assert golden_differences(ref, {**ref, "loss": 12.5 * (1 + 3 * GOLDEN_RTOL)}) == {"loss": (12.5, 12.5 * (1 + 3 * GOLDEN_RTOL))}
     assert golden_differences(ref, {**ref, "eval_pass_at_k": {"1": 0.75}}) == {"eval_pass_at_k": ({"1": 0.5}, {"1": 0.75})}
     assert golden_differences(ref, {k: v for k, v in ref.items() if k != "beta_kl"}) == {"beta_kl": (1e-3, "<missing>")}
+    wide = GOLDEN_RTOL_OF["beta_kl"]  # the kernel-sensitive metrics: their own tolerance, and no more
+    assert golden_differences(ref, {**ref, "beta_kl": 1e-3 * (1 + wide / 2)}) == {}
+    assert golden_differences(ref, {**ref, "beta_kl": 1e-3 * (1 + 3 * wide)}) == {"beta_kl": (1e-3, 1e-3 * (1 + 3 * wide))}
+    assert golden_differences(ref, {**ref, "loss": 12.5 * (1 + wide / 2)}) != {}  # loss keeps GOLDEN_RTOL
     groups = {"groups": [[3, 0.25, 0.5], [7, 0.0, 0.125]]}
     assert golden_differences(groups, {"groups": [[3, 0.25, 0.5 * (1 + GOLDEN_RTOL / 2)], [7, 0.0, 0.125]]}) == {}
     assert golden_differences(groups, {"groups": [[3, 0.25, 0.5], [8, 0.0, 0.125]]}) != {}  # another prompt chosen
