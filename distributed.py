@@ -129,6 +129,9 @@ def is_sharded(p) -> bool:
     return hasattr(p, "full_tensor")  # a DTensor: a parameter sharded by FSDP2
 
 
+_MESHES = []  # the device meshes shard_model made: teardown takes the process group out of each
+
+
 def shard_model(lm, world, device):
     """FSDP2: each decoder block, then the whole model, sharded over all ranks (ZeRO-3 style).
     FSDP reduce-scatters the gradients of sharded weights itself; sync_grads handles the rest (Z_φ)."""
@@ -136,6 +139,7 @@ def shard_model(lm, world, device):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
+    _MESHES.append(mesh)
     blocks = next(m for m in lm.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == lm.config.num_hidden_layers)
     for block in blocks:
         fully_shard(block, mesh=mesh)
@@ -161,7 +165,12 @@ def check_ranks_agree(params, world):
 
 def teardown(world):
     """Leave the process group together: wait for every rank, then destroy it, which joins its threads
-    while the interpreter is still whole (setup_distributed says why that needs care)."""
+    while the interpreter is still whole (setup_distributed says why that needs care). Only a group that
+    nothing else holds is freed: an FSDP-sharded model keeps it (its mesh and its parameter groups hold the
+    group), so the model goes first (train.train drops its run before calling this)."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        for mesh in _MESHES:  # torch's DTensor caches keep every mesh for good, and a mesh keeps its groups
+            getattr(mesh, "_pg_registry", {}).clear()
+        _MESHES.clear()

@@ -1769,9 +1769,11 @@ train.main(sys.argv[1:])
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc (Linux)")
 def test_process_group_is_freed_before_interpreter_exit(small_testbed, tmp_path):
-    """The cause of a SIGABRT in about 1 of 40 two-process runs: torch.distributed.nn, imported by transformers
-    after init_process_group, kept the process group in default arguments, so its gloo threads outlived
-    destroy_process_group and died inside C++ at interpreter shutdown. After train.main no gloo thread is left."""
+    """The cause of a SIGABRT in about 1 of 40 two-process runs: whatever still holds the process group after
+    destroy_process_group keeps its gloo threads alive into interpreter shutdown, where they die inside C++.
+    Two holders were found: torch.distributed.nn, imported by transformers after init_process_group (default
+    arguments), and, under FSDP, the sharded model and its device mesh (which torch's DTensor caches keep).
+    An FSDP run meets both. After train.main no gloo thread is left."""
     probe = tmp_path / "probe.py"
     probe.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
@@ -1782,7 +1784,8 @@ with open(os.path.join({str(tmp_path)!r}, "threads_" + os.environ["RANK"]), "w")
     f.write(str(sum("gloo" in n for n in names)))
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
-                        *run_args(small_testbed, str(tmp_path / "run"), max_steps=2, eval_every=2)],
+                        *run_args(small_testbed, str(tmp_path / "run"), max_steps=2, eval_every=2, replay_per_step=2),
+                        "--fsdp=true"],
                        cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert [(tmp_path / f"threads_{r}").read_text() for r in (0, 1)] == ["0", "0"]  # gloo threads left per rank

@@ -25,6 +25,7 @@ its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current
 """
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -319,12 +320,26 @@ def one_step(run: Run, row: dict) -> dict:
 
 
 def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=(), prepare=None) -> dict:
-    """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}.
+    """Run (or resume) training; returns {'final': last metrics row, 'policy': the trained Policy}, the policy
+    in a one-process run only (a multi-rank run's weights are in its checkpoint: its model, sharded by FSDP,
+    holds the process group, which teardown must be able to free; distributed.teardown says why).
     objective, selector: classes (or factories) called with the Run once the data is loaded; probes: factories
     of objects whose step(run, step, row) and evaluate(run, result) add metrics of their own; prepare: see setup."""
     run = setup(cfg, objective, selector, prepare)
+    result = loop(run, [make(run) for make in probes])
+    world = run.ranks.world
+    if world > 1:  # the run, its sharded model and their process-group handles go before the group does
+        result.pop("policy")
+        del run
+        gc.collect()
+    teardown(world)
+    return result
+
+
+def loop(run: Run, probes: list) -> dict:
+    """The steps from where the run stands to max_steps, a checkpoint every ckpt_every, the final evaluation.
+    Returns train's result; a stop signal ends it after a checkpoint, with 'interrupted': True."""
     cfg, p = run.cfg, run.progress  # cfg as resolved by setup (dtype=auto, a shared_prefix the model cannot take)
-    probes = [make(run) for make in probes]
     reporter = report.Reporter(cfg, p.step) if run.ranks.rank == 0 else None  # metrics.jsonl and its mirrors
     stop = ckpt.StopSignal()
     start_step = p.step
@@ -349,7 +364,6 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
             stop.restore()
             if reporter:
                 reporter.close()
-            teardown(run.ranks.world)
             return {"final": row, "policy": run.model.policy, "interrupted": True}
     stop.restore()
     p.step = max(cfg.max_steps, start_step)  # a checkpoint past max_steps is evaluated where it is
@@ -361,7 +375,6 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
     corr = row.get("eval_acc_est_corr")
     run.ranks.log(f"done: step {p.step}, held-out accuracy {row['eval_acc']:.3f}"
                   + (f", calibration corr {corr:.3f}" if corr is not None else "") + f", metrics in {metrics_path(run)}")
-    teardown(run.ranks.world)
     return {"final": row, "policy": run.model.policy}
 
 
