@@ -82,7 +82,7 @@ class Config:
     weight_decay: float = 0.0  # policy weight decay (paper: 0.1)
     grad_clip: float = 1.0  # grad-norm clip of the policy θ (not of Z_φ); 0 = off
     nonfinite_patience: int = 3  # steps in a row skipped for a NaN / inf loss or gradient before a stop
-    starve_warn_steps: int = 10  # warn when a labelled group goes this many steps unobserved; 0 = never
+    starve_warn_steps: int = 10  # warn when a labelled group goes this many steps unchosen; 0 = never
     # --- evaluation, logging, checkpoints
     eval_every: int = 50  # evaluate held-out prompts every this many steps (and at step 0 and the end)
     eval_samples: int = 32  # samples per held-out prompt at `temperature` (the paper: 32 for AIME)

@@ -109,8 +109,9 @@ class Coverage:
     labels: {field: each training prompt's value}, e.g. {"level": [...], "form": ["bare", "word", ...]}; a group
     is one field=value. observe() returns `chosen_share` {group: share of this step's prompts} (and at step 0
     `data_share`, the groups' shares of the training set), and one warning per group that has had none of its
-    prompts observed (chosen, or replayed into Z_φ's loss) for `warn_steps` steps; said again only after the
-    group has been seen."""
+    prompts chosen for `warn_steps` steps; said again only after the group has been chosen. Replay does not count:
+    it trains Z_φ toward accuracies stored when a prompt was last chosen, so for a group unchosen for k steps it
+    only re-asserts observations at least k steps old, and the estimate is as stale as if nothing had trained it."""
 
     def __init__(self, labels: dict, warn_steps: int):
         self.of = [[f"{f}={v}" for f, v in zip(labels, vals)] for vals in zip(*labels.values())]  # per prompt
@@ -118,14 +119,13 @@ class Coverage:
         self.data_share = {g: sum(g in gs for gs in self.of) / len(self.of) for g in groups}
         self.warn_steps, self.last_seen, self.warned = warn_steps, {g: 0 for g in groups}, []
 
-    def observe(self, step: int, chosen: list, refreshed: list = ()) -> tuple:
-        """(metrics, warnings) of one step: chosen, every rank's prompt indices; refreshed, other prompts whose
-        estimate this step's update trained (replayed into Z_φ's loss)."""
+    def observe(self, step: int, chosen: list) -> tuple:
+        """(metrics, warnings) of one step: chosen, every rank's prompt indices."""
         if not self.data_share:
             return {}, []
         n = max(len(chosen), 1)
         share = {g: sum(g in self.of[j] for j in chosen) / n for g in self.data_share}
-        for j in list(chosen) + list(refreshed):
+        for j in chosen:
             for g in self.of[j]:
                 self.last_seen[g] = step
                 if g in self.warned:
@@ -134,7 +134,7 @@ class Coverage:
         for g, seen in self.last_seen.items():
             if self.warn_steps and step - seen >= self.warn_steps and g not in self.warned:
                 self.warned.append(g)
-                said.append(f"group {g} ({self.data_share[g]:.1%} of the training prompts) has not been observed for "
+                said.append(f"group {g} ({self.data_share[g]:.1%} of the training prompts) has not been chosen for "
                             f"{step - seen} steps: its estimate is not being corrected (raise explore_frac)")
         return {"chosen_share": share, **({"data_share": self.data_share} if step == 0 else {})}, said
 

@@ -673,17 +673,17 @@ def test_coverage_logs_chosen_shares_and_warns_once_per_unobserved_group():
                  "data_share": {"form=x": 0.75, "form=y": 0.25, "level=a": 0.5, "level=b": 0.5}} and said == []
     assert cov.observe(1, [0]) == ({"chosen_share": {"form=x": 1.0, "form=y": 0.0, "level=a": 1.0, "level=b": 0.0}}, [])
     said = cov.observe(2, [0])[1]
-    assert len(said) == 2 and "group form=y (25.0% of the training prompts) has not been observed for 2 steps" in said[0]
+    assert len(said) == 2 and "group form=y (25.0% of the training prompts) has not been chosen for 2 steps" in said[0]
     assert "group level=b" in said[1]
     assert cov.observe(3, [0])[1] == []  # said once
     st = copy.deepcopy(cov.state_dict())
-    assert cov.observe(4, [2], refreshed=[1])[1] == []  # level=b chosen, form=y refreshed through replay
+    assert cov.observe(4, [2, 1])[1] == []  # level=b and form=y chosen
     assert cov.observe(5, [0])[1] == []
     said = cov.observe(6, [0])[1]
     assert [w.split(" (")[0] for w in said] == ["group form=y", "group level=b"]  # unobserved again: said again
     again = scheduler.Coverage({"level": ["a", "a", "b", "b"], "form": ["x", "y", "x", "x"]}, warn_steps=2)
     again.load_state_dict(st)
-    assert again.observe(4, [2], refreshed=[1])[1] == [] and again.state_dict() == {"last_seen": {
+    assert again.observe(4, [2, 1])[1] == [] and again.state_dict() == {"last_seen": {
         "form=x": 4, "form=y": 4, "level=a": 4, "level=b": 4}, "warned": []}
     assert scheduler.Coverage({}, 2).observe(9, [1]) == ({}, [])  # rows without labels: nothing logged
     assert scheduler.Coverage({"level": ["a", "b"]}, 0).observe(50, [0])[1] == []  # warn_steps 0: never
@@ -691,15 +691,14 @@ def test_coverage_logs_chosen_shares_and_warns_once_per_unobserved_group():
 
 def test_a_run_logs_its_labelled_groups_and_resumes_them(small_testbed, tmp_path, capsys):
     """Rows with a `level` field: every step logs the chosen share of each level (data shares at step 0), a level
-    left unobserved for starve_warn_steps steps is warned, and a resumed run logs what the uninterrupted one did."""
+    left unchosen for starve_warn_steps steps is warned even though replay (which trains Z_φ, the default) keeps
+    training its estimate, and a resumed run logs what the uninterrupted one did."""
     rows = [json.loads(line) for line in open(f"{small_testbed}/train.jsonl")]
     labelled = tmp_path / "train.jsonl"
     labelled.write_text("".join(json.dumps({**r, "level": "rare" if i == 7 else f"d{len(r['prompt'])}"}) + "\n"
                                 for i, r in enumerate(rows)))
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    # replay that trains Z_φ (the default, group) refreshes a group's estimate without choosing it; off leaves choice
-    # as the only refresh, which the rows' chosen shares show (the refresh through replay: test_coverage_logs_...)
-    args = dict(train_data=str(labelled), starve_warn_steps=2, max_steps=5, ckpt_every=3, testbed_dir="", replay_trains_logz="off")
+    args = dict(train_data=str(labelled), starve_warn_steps=2, max_steps=5, ckpt_every=3, testbed_dir="")
     train.main(run_args(small_testbed, full, **args))
     out = capsys.readouterr().out
     train.main(run_args(small_testbed, part, **{**args, "max_steps": 3}))

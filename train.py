@@ -308,8 +308,7 @@ def one_step(run: Run, row: dict) -> dict:
                                ranks.world), []))
     s = Step(rolled, groups, n_train, upd, kl, len(drawn))
     row.update(run.selector.observe(p.step, groups))
-    shares, said = run.coverage.observe(p.step, [g[0] for g in groups],
-                                        [e["prompt"] for e in drawn] if cfg.replay_trains_logz != "off" else [])
+    shares, said = run.coverage.observe(p.step, [g[0] for g in groups])
     for w in said:
         ranks.log(f"warning: step {p.step}: {w}")
     row.update(shares)
