@@ -119,27 +119,108 @@ class Policy(nn.Module):
         self.logz = logz
 
 
+def distinct_spans(prompt_token_lists: list) -> list:
+    """(start, end) of each prompt's own tokens: what is left once the prefix and the suffix that every prompt
+    shares (the chat template, a worked example, an instruction) are cut off. A prompt that is all shared text
+    keeps its whole span."""
+    seqs = prompt_token_lists
+    shortest = min(len(s) for s in seqs)
+    pre = next((i for i in range(shortest) if len({s[i] for s in seqs}) > 1), shortest)
+    suf = next((i for i in range(shortest - pre) if len({s[-1 - i] for s in seqs}) > 1), shortest - pre)
+    return [(pre, len(s) - suf) if len(s) - suf > pre else (0, len(s)) for s in seqs]
+
+
+POOLS = ("mean", "mean_last", "distinct")
+
+
 @torch.no_grad()
 def prompt_embeddings(lm, prompt_token_lists: list, pad_id: int, batch_size: int, device,
-                      pool: str = "mean") -> torch.Tensor:
-    """The frozen e(x) that Z_φ reads, from the last hidden state over the prompt tokens.
+                      pool: str = "mean", layer: int = -1, spans: list = None) -> torch.Tensor:
+    """The frozen e(x) that Z_φ reads, from one layer's hidden states over the prompt tokens.
 
-    pool="mean": the mean over prompt tokens, (N, H). pool="mean_last": that mean concatenated with
-    the state at the prompt's last token, the position that predicts the first response token, (N, 2H).
+    layer: an index into the model's hidden states (0 the embeddings, -1 the last layer's output). pool="mean":
+    the mean over every prompt token, (N, H). "mean_last": that mean concatenated with the state at the prompt's last
+    token, the position that predicts the first response token, (N, 2H). "distinct": the mean over each prompt's own
+    tokens, spans[i] = (start, end) from distinct_spans, so that the template every prompt shares does not dilute it.
     """
-    if pool not in ("mean", "mean_last"):
-        raise ValueError(f"prompt_embeddings: pool must be 'mean' or 'mean_last', got {pool!r}")
+    if pool not in POOLS:
+        raise ValueError(f"prompt_embeddings: pool must be one of {POOLS}, got {pool!r}")
+    if pool == "distinct" and spans is None:
+        spans = distinct_spans(prompt_token_lists)
     embs = []
     for i in range(0, len(prompt_token_lists), batch_size):
-        ids, mask = left_pad(prompt_token_lists[i:i + batch_size], pad_id, device)
-        h = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-               output_hidden_states=True).hidden_states[-1].float()  # (b, T, H)
+        chunk = prompt_token_lists[i:i + batch_size]
+        ids, mask = left_pad(chunk, pad_id, device)
+        hs = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True).hidden_states
+        if not -len(hs) <= layer < len(hs):
+            raise ValueError(f"prompt_embeddings: layer {layer} out of range: the model has hidden states 0..{len(hs) - 1}")
+        h = hs[layer].float()  # (b, T, H)
+        if pool == "distinct":  # left padding: a prompt of length n starts at column T − n
+            T = ids.size(1)
+            m = torch.zeros_like(mask)
+            for j, (s, e) in enumerate(spans[i:i + batch_size]):
+                m[j, T - len(chunk[j]) + s:T - len(chunk[j]) + e] = 1
+            mask = m
         m = mask.unsqueeze(-1).float()
         e = (h * m).sum(1) / m.sum(1).clamp(min=1)
         if pool == "mean_last":
             e = torch.cat([e, h[:, -1]], -1)  # left padding: the last position is the last prompt token
         embs.append(e.cpu())
     return torch.cat(embs) if embs else torch.zeros(0)
+
+
+class ObservationMemory:
+    """Every group the run has observed: (step, prompt index, observed accuracy a(x)), checkpointed.
+
+    Why Z_φ is refitted on it (`fit_to_memory`): the TB loss's log Z term for a group of G samples at θ = θ_old has
+    the gradient 2G(log Z − a/β) (tb_loss.py), so it regresses β·log Z_φ(x) on a(x), one Adam step per step on that
+    step's few groups. An MLP on frozen features learns slowly from so few steps, and forgets a group once it is no
+    longer chosen. Replaying that same term over every stored group, newer groups weighted more because the policy
+    moves, is the same estimator fitted on more of its own data: p̂ is still β·log Z_φ, Z_φ still sits in the TB
+    residual, and Proposition 4.1's fixed point (p̂ = accuracy + β·KL) is unchanged."""
+
+    def __init__(self):
+        self.step, self.idx, self.acc = [], [], []
+
+    def add(self, step: int, idx, acc):
+        self.step += [int(step)] * len(idx)
+        self.idx += [int(i) for i in idx]
+        self.acc += [float(a) for a in acc]
+
+    def __len__(self):
+        return len(self.idx)
+
+    def weighted(self, now: int, half_life: float) -> tuple:
+        """(prompt indices, accuracies, weights 0.5^((now − step) / half_life)) of every observation; half_life 0 = equal."""
+        age = now - np.asarray(self.step, dtype=np.float64)
+        w = 0.5 ** (age / half_life) if half_life > 0 else np.ones_like(age)
+        return np.asarray(self.idx), np.asarray(self.acc), w
+
+    def state_dict(self):
+        return {"step": list(self.step), "idx": list(self.idx), "acc": list(self.acc)}
+
+    def load_state_dict(self, st):
+        self.step, self.idx, self.acc = list(st["step"]), list(st["idx"]), list(st["acc"])
+
+
+def fit_to_memory(head: LogZHead, opt, emb: torch.Tensor, memory: ObservationMemory, now: int, passes: int,
+                  half_life: float) -> float:
+    """`passes` optimizer steps of the head on the TB loss's Z_φ term over the memory: Σ w·(v(x) − a)² / Σ w, v =
+    β·log Z_φ. Only the head's parameters get gradients (the optimizer skips the LM's). Every rank holds the same
+    memory and head, so every rank computes the same steps. Returns the last pass's loss (0 without any)."""
+    if passes <= 0 or not len(memory):
+        return 0.0
+    idx, a, w = memory.weighted(now, half_life)
+    x = emb[torch.as_tensor(idx, device=emb.device)]
+    a = torch.as_tensor(a, dtype=torch.float32, device=emb.device)
+    w = torch.as_tensor(w / w.sum(), dtype=torch.float32, device=emb.device)
+    for _ in range(passes):
+        loss = (w * (head.value(x) - a) ** 2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 def frozen_embeddings(cfg, pad_id, toks: list, dtype, ranks) -> torch.Tensor:
