@@ -64,9 +64,12 @@ class Config:
     explore_frac: float = 0.0  # share of the B prompts drawn uniformly from the rest of the pool (paper: 0)
     pool_size: int = 64  # candidates scored per step (a few × B); 0 scores the whole data set
     logz_hidden: int = 256  # width of the Z_φ MLP (paper: 3-layer MLP, width not given)
-    logz_features: str = "mean"  # e(x): mean | mean_last (mean-pooled and last-token hidden states)
+    logz_features: str = "mean"  # e(x): mean (every prompt token) | distinct (tokens not shared by all prompts) | mean_last
+    logz_layer: int = -1  # e(x)'s hidden state: an index into the initial model's hidden states (-1: the last layer)
     logz_output: str = "logistic"  # logistic (σ, the linear output's gradient) | linear (unbounded) | sigmoid
     logz_init_acc: float = 0.5  # p0: every prompt's initial estimate p̂; log Z starts at p0/β
+    logz_memory_passes: int = 0  # Z_φ steps a step on the TB log Z term over every group observed so far; 0: none
+    logz_memory_half_life: float = 4.0  # steps: an observation's weight in that fit is 0.5^(age/this); 0: all alike
     # --- replay
     replay: str = "on"  # on | off: the error-prioritized buffer of correct trajectories
     replay_capacity: int = 128  # buffer size (paper: 128)
@@ -157,14 +160,14 @@ RANGES = {
     "max_new_tokens": "[1, inf)", "rollout_batch": "[0, inf)", "micro_batch": "[0, inf)", "logit_chunk": "[0, inf)",
     "updates_per_batch": "[1, inf)", "temperature": "(0, inf)", "kl_every": "[0, inf)", "beta": "(0, inf)",
     "tau": "[0, 1]", "explore_frac": "[0, 1]", "pool_size": "[0, inf)", "logz_hidden": "[1, inf)",
-    "logz_init_acc": "[0, 1]", "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)",
+    "logz_init_acc": "[0, 1]", "logz_memory_passes": "[0, inf)", "logz_memory_half_life": "[0, inf)", "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)",
     "replay_is_clip": "[0, inf)", "lr": "(0, inf)", "logz_lr": "(0, inf)", "logz_lr_fan_in": "[0, inf)",
     "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "nonfinite_patience": "[1, inf)", "starve_warn_steps": "[0, inf)", "eval_every": "[1, inf)",
     "eval_samples": "[1, inf)", "eval_batch": "[1, inf)", "ckpt_every": "[1, inf)", "keep_ckpts": "[1, inf)",
 }
 CHOICES = {"replay": ("on", "off"), "replay_anchor": ("current", "behavior"),
            "replay_trains_logz": ("off", "raw", "group"), "sampler": ("dynamic", "static"), "dtype": ("float32", "bfloat16", "auto"),
-           "logz_output": ("linear", "logistic", "sigmoid"), "logz_features": ("mean", "mean_last"),
+           "logz_output": ("linear", "logistic", "sigmoid"), "logz_features": ("mean", "mean_last", "distinct"),
            "attn_impl": ("sdpa", "flash_attention_2", "eager")}
 
 

@@ -89,7 +89,10 @@ def model_row(name: str, path: str, state: str, cfg, rows: list, ranks) -> dict:
     st = torch.load(state, weights_only=False) if state else {}
     if st.get("logz") is not None and "mu" in st["logz"]:  # a LogZHead: p̂ is an accuracy estimate
         base = AutoModelForCausalLM.from_pretrained(cfg.model).to(ranks.device).eval()
-        emb = paced_rl.prompt_embeddings(base, split.toks, tok.pad_token_id, cfg.eval_batch, ranks.device, cfg.logz_features)
+        # logz_features=distinct: the shared prefix and suffix are found over these held-out prompts alone (the loop finds
+        # them over training and held-out prompts together; with a template shared by every prompt, the same tokens)
+        emb = paced_rl.prompt_embeddings(base, split.toks, tok.pad_token_id, cfg.eval_batch, ranks.device, cfg.logz_features,
+                                         cfg.logz_layer)
         head = paced_rl.LogZHead(emb.size(1), cfg.logz_hidden, cfg.beta, cfg.logz_init_acc, cfg.logz_output)
         head.load_state_dict(st["logz"])
         with torch.no_grad():

@@ -9,8 +9,11 @@
   zero-initialized with bias p0, so p̂ starts at p0 for every prompt and the first selections are
   effectively uniform. `param_groups` gives each layer an
   Adam rate scaled by its fan-in, so a wide real-model embedding does not let one step saturate p̂.
-- `prompt_embeddings` / `frozen_embeddings`: e(x), the mean of the *initial* model's last hidden states
-  over the prompt tokens, computed once per run (sharded over ranks) and cached in the run directory.
+- `prompt_embeddings` / `frozen_embeddings`: e(x), the mean of one layer of the *initial* model's hidden states
+  (`logz_layer`, the last by default) over the prompt's tokens (`logz_features`: all of them, or only those that
+  differ between prompts), computed once per run (sharded over ranks) and cached in the run directory.
+- `ObservationMemory` / `fit_to_memory` (our addition, `logz_memory_passes`): every group the run has observed,
+  and Z_φ refitted on it each step with the TB loss's own log Z term, newer groups weighted more.
 - `Policy`: an nn.Module holding the LM and the head, so one hand-written all-reduce over
   `policy.parameters()` synchronizes both.
 """
@@ -220,7 +223,7 @@ def fit_to_memory(head: LogZHead, opt, emb: torch.Tensor, memory: ObservationMem
         loss.backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def frozen_embeddings(cfg, pad_id, toks: list, dtype, ranks) -> torch.Tensor:
@@ -229,12 +232,15 @@ def frozen_embeddings(cfg, pad_id, toks: list, dtype, ranks) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(cfg.out_dir, "prompt_emb.pt")
-    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data, "n": len(toks)}
+    key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data, "n": len(toks),
+           **({"layer": cfg.logz_layer} if cfg.logz_layer != -1 else {})}  # (today's key for the last layer: old caches stay valid)
     emb = torch.load(path) if os.path.exists(path) else None
     if emb is None or emb.get("key") != key:
         base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(ranks.device).eval()
         mine = list(range(ranks.rank, len(toks), ranks.world))
-        part = prompt_embeddings(base, [toks[i] for i in mine], pad_id, cfg.eval_batch, ranks.device, cfg.logz_features)
+        spans = distinct_spans(toks) if cfg.logz_features == "distinct" else None  # over every prompt, before sharding
+        part = prompt_embeddings(base, [toks[i] for i in mine], pad_id, cfg.eval_batch, ranks.device, cfg.logz_features,
+                                 cfg.logz_layer, [spans[i] for i in mine] if spans else None)
         parts = [(i, e) for i, e in gather((mine, part), ranks.world) if len(i)]
         emb = {"key": key, "emb": torch.zeros(len(toks), parts[0][1].size(1))}
         for i, e in parts:

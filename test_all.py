@@ -311,6 +311,49 @@ def test_a_trapped_prompt_comes_back():
     assert max(c0 for c0, _ in h[3:]) < 1e-3
 
 
+def test_distinct_spans_cut_what_every_prompt_shares():
+    """e(x) pooled over each prompt's own tokens: the prefix and the suffix that every prompt shares are cut off."""
+    toks = [[1, 2, 3, 7, 8, 9, 4, 5], [1, 2, 3, 6, 4, 5], [1, 2, 3, 7, 9, 4, 5]]
+    assert paced_rl.distinct_spans(toks) == [(3, 6), (3, 4), (3, 5)]
+    assert paced_rl.distinct_spans([[1, 2], [1, 2]]) == [(0, 2), (0, 2)]  # all shared: the whole prompt
+
+
+def test_distinct_pooling_reads_only_each_prompts_own_tokens(tiny):
+    """Pooling over the distinct span equals the mean of that span's hidden states, whatever the padding; another
+    layer reads that layer."""
+    lm, tok = tiny
+    toks = [[3, 4, 5, 6, 7, 8], [3, 4, 9, 8], [3, 4, 5, 5, 5, 6, 8]]
+    spans = paced_rl.distinct_spans(toks)
+    e = paced_rl.prompt_embeddings(lm, toks, tok.pad_token_id, 2, torch.device("cpu"), "distinct", 1)
+    for i, (a, b) in enumerate(spans):
+        ids = torch.tensor([toks[i]])
+        h = lm(input_ids=ids, output_hidden_states=True).hidden_states[1][0]
+        assert torch.allclose(e[i], h[a:b].mean(0), atol=1e-5), i
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        paced_rl.prompt_embeddings(lm, toks, tok.pad_token_id, 2, torch.device("cpu"), "mean", 9)
+
+
+def test_memory_fit_converges_to_the_recency_weighted_accuracy():
+    """Z_φ refitted on the observation memory: a prompt seen at step 0 with a = 0 and at step 4 with a = 1, half-life 4,
+    carries weights 0.5 and 1, so the TB log Z term's minimizer is p̂ = 2/3; without decay 1/2. The memory's state
+    round-trips."""
+    for half, want in ((4.0, 2 / 3), (0.0, 0.5)):
+        torch.manual_seed(0)
+        emb = torch.randn(3, 8)
+        head = paced_rl.LogZHead(8, 16, 0.05, 0.5, "logistic")
+        head.set_normalization(emb)
+        opt = torch.optim.Adam(head.parameters(), lr=3e-2)
+        mem = paced_rl.ObservationMemory()
+        mem.add(0, [1], [0.0])
+        mem.add(4, [1], [1.0])
+        assert mem.weighted(4, half)[2].tolist() == ([0.5, 1.0] if half else [1.0, 1.0])
+        paced_rl.fit_to_memory(head, opt, emb, mem, 4, 300, half)
+        assert float(head.p_hat(emb[1:2]).detach()) == pytest.approx(want, abs=0.02)
+        other = paced_rl.ObservationMemory()
+        other.load_state_dict(mem.state_dict())
+        assert other.weighted(4, half)[1].tolist() == [0.0, 1.0]
+
+
 def test_logz_head_output_forms():
     """linear: the loss sees the unbounded output, p̂ is it clipped to [0, 1]; logistic: the sigmoid's values with the
     linear output's gradient (no factor p̂(1 − p̂)); sigmoid: its own gradient. All start at p0 on every prompt."""
@@ -1076,6 +1119,19 @@ def test_resume_matches_uninterrupted_run(small_testbed, tmp_path):
     assert any(r["replayed"] > 0 for r in a)  # the replay buffer was part of the resumed state
     with pytest.raises(SystemExit, match="already holds checkpoints"):  # a new run never overwrites one
         train.main(run_args(small_testbed, full, max_steps=2))
+
+
+def test_memory_fit_resumes_exactly_and_is_logged(small_testbed, tmp_path):
+    """With logz_memory_passes > 0 the memory is part of the checkpoint: a resumed run makes the uninterrupted
+    run's rows; the memory holds every chosen group."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    kw = dict(logz_memory_passes=3, logz_memory_half_life=2)
+    train.main(run_args(small_testbed, full, max_steps=6, ckpt_every=3, **kw))
+    train.main(run_args(small_testbed, part, max_steps=3, ckpt_every=3, **kw))
+    train.main([f"--resume={part}", "--max_steps=6"])
+    a, b = train_rows(full), train_rows(part)
+    same_rows(a, b, range(6))
+    assert [a[s]["logz_memory_size"] for s in range(6)] == [4 * (s + 1) for s in range(6)]
 
 
 def test_shared_prefix_update_matches_the_plain_one(small_testbed, tmp_path, capsys):

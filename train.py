@@ -162,6 +162,7 @@ def restore(run: Run, st: dict):
         run.model.policy.logz.load_state_dict(st["logz"])
     ckpt.load_opt_state(run.model.policy, run.model.opt, st["opt"], run.cfg)
     run.selector.load_state_dict(st["selector"])
+    run.objective.load_state_dict(st.get("objective") or run.objective.state_dict())  # checkpoints before the memory: empty
     run.buf.load_state_dict(st["replay"])
     run.coverage.load_state_dict(st["coverage"])
     run.replay_rng.bit_generator.state = st["replay_rng"]
@@ -181,7 +182,7 @@ def save(run: Run, step: int):
                          f"newest good one in {run.cfg.out_dir} is intact (lower --lr)")
     ckpt.save_checkpoint(run.cfg, run.model, run.prompts.tokenizer, {
         "step": step, "rollouts": p.rollouts, "skipped_updates": p.skipped, "seams": seams_of(run),
-        "selector": run.selector.state_dict(),
+        "selector": run.selector.state_dict(), "objective": run.objective.state_dict(),
         "replay": run.buf.state_dict(), "replay_rng": run.replay_rng.bit_generator.state, "coverage": run.coverage.state_dict(),
         "torch_rng": gather(ckpt.torch_rng_state(ranks.device), ranks.world)}, ranks.rank)
 
@@ -307,6 +308,7 @@ def one_step(run: Run, row: dict) -> dict:
     groups = sorted(sum(gather([(j, float(a), float(q) if has_p else None) for j, a, q in zip(batch.idx, acc, p_hat)],
                                ranks.world), []))
     s = Step(rolled, groups, n_train, upd, kl, len(drawn))
+    row.update(run.objective.observe(run.model, p.step, groups))  # Z_φ refitted on every observed group, if asked
     row.update(run.selector.observe(p.step, groups))
     shares, said = run.coverage.observe(p.step, [g[0] for g in groups])
     for w in said:

@@ -92,6 +92,7 @@ class PacedObjective:
     def __init__(self, run):
         self.cfg = run.cfg
         self.emb, self.emb_heldout = run.embeddings()  # (N, D) on the device, (M, D)
+        self.memory = paced_rl.ObservationMemory()  # every observed group, when logz_memory_passes > 0
 
     def head(self, lm) -> torch.nn.Module:
         head = paced_rl.LogZHead(self.emb.size(1), self.cfg.logz_hidden, self.cfg.beta, self.cfg.logz_init_acc,
@@ -111,6 +112,23 @@ class PacedObjective:
 
     def prepare(self, fresh: Samples) -> Samples:
         return fresh
+
+    def observe(self, model: Model, step: int, groups: list) -> dict:
+        """After the update: this step's groups (every rank's (prompt, a(x), p̂)) join the observation memory and Z_φ
+        is refitted on it (`logz_memory_passes`; paced_rl.ObservationMemory says why this is still the TB estimator)."""
+        passes = self.cfg.logz_memory_passes
+        if passes == 0:
+            return {}
+        self.memory.add(step, [g[0] for g in groups], [g[1] for g in groups])
+        loss = paced_rl.fit_to_memory(model.policy.logz, model.opt, self.emb, self.memory, step, passes,
+                                      self.cfg.logz_memory_half_life)
+        return {"logz_memory_loss": loss, "logz_memory_size": len(self.memory)}
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, st: dict):
+        self.memory.load_state_dict(st["memory"])
 
     def count(self, fresh: Samples, replayed: Samples) -> float:
         """This rank's share of the global mean's N: its samples."""

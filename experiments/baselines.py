@@ -113,6 +113,15 @@ class GRPOObjective:
     def p_hat(self, policy, idx=None):
         return None
 
+    def observe(self, model, step: int, groups: list) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, st: dict):
+        pass
+
     def prepare(self, fresh: Samples) -> Samples:
         """Advantages over whole groups, before the micro-batches split them."""
         if len(fresh):

@@ -62,7 +62,7 @@ def train_embeddings(run: str, cfg: dict) -> torch.Tensor:
     # the fields e(x) depends on (a record's other fields may predate the present Config's choices)
     c = Config(**{k: cfg[k] for k in ("model", "train_data", "eval_data", "prompt_field", "answer_field", "eval_prompt_field",
                                        "eval_answer_field", "prompt_suffix", "shot_prompt", "shot_response", "verifier",
-                                       "max_prompt_tokens", "logz_features", "eval_batch") if k in cfg})
+                                       "max_prompt_tokens", "logz_features", "logz_layer", "eval_batch") if k in cfg})
     prompts = load_data(c, lambda *a: None)
     if cached is not None:
         return cached["emb"][:len(prompts.train.toks)]
