@@ -9,9 +9,16 @@
 - truncate_metrics drops the metrics rows past the checkpoint: a resumed run recomputes them exactly;
   append_metrics writes one row (NaN and inf as null).
 - StopSignal: SIGINT / SIGTERM make the loop checkpoint and stop after the current step.
+- RunLock: one run per directory; a second run on the same out_dir stops at once, naming the holder.
+- load_run_config: a resumed run's config is the recorded one; a field given again on the command line is applied
+  only where it may change mid-run (RESUMABLE), else refused by name (docs/REFERENCE.md, "Resume").
+- A checkpoint that cannot be written (read-only or full disk) stops the run with one line and leaves no
+  temporary directory; the newest checkpoint stays intact.
 """
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -19,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 
 import torch
 
@@ -70,15 +78,43 @@ def set_torch_rng_state(st, device):
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+def write_failure(path: str, e: Exception) -> str:
+    """Why writing under `path` failed, in words: a read-only or full file system, or the error itself."""
+    d = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    code = getattr(e, "errno", None)
+    if code == errno.EROFS or (code in (errno.EACCES, errno.EPERM)) or not os.access(d, os.W_OK):
+        return f"{d} is not writable ({os.strerror(code) if code else 'permission denied'})"
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        free = None
+    if code == errno.ENOSPC or (free is not None and free < 1 << 20):
+        return f"no space left on the file system of {d} ({free or 0} bytes free)"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def save_checkpoint(cfg, model, tokenizer, state: dict, rank):
     """Atomic: written to a temporary directory, then renamed; the newest `keep_ckpts` are kept.
-    manifest.json records each file's size and sha256, so a damaged file is found and named."""
+    manifest.json records each file's size and sha256, so a damaged file is found and named. A write that fails
+    (read-only or full disk) removes the temporary directory and stops the run with one line."""
     policy = model.policy
     model_sd, opt_sd = full_state(policy, model.opt, cfg)
     if rank != 0:
         return
     final = os.path.join(cfg.out_dir, f"ckpt_{state['step']:06d}")
     tmp = final + ".tmp"
+    try:
+        _write_checkpoint(cfg, policy, tokenizer, state, model_sd, opt_sd, final, tmp)
+    except Exception as e:  # a full disk is an OSError, torch.save's RuntimeError ("unexpected pos") or safetensors' own
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"checkpoint: writing {final} failed: {write_failure(cfg.out_dir, e)}. Nothing was replaced: the "
+                         f"newest checkpoint in {cfg.out_dir} is intact; free space or fix the permissions, then "
+                         f"--resume={cfg.out_dir}") from None
+    for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_ckpts]:
+        shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
+
+
+def _write_checkpoint(cfg, policy, tokenizer, state, model_sd, opt_sd, final, tmp):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.lm.save_pretrained(os.path.join(tmp, "model"), state_dict=model_sd)
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
@@ -91,8 +127,6 @@ def save_checkpoint(cfg, model, tokenizer, state: dict, rank):
         json.dump(manifest, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in ckpt_dirs(cfg.out_dir)[:-cfg.keep_ckpts]:
-        shutil.rmtree(os.path.join(cfg.out_dir, old), ignore_errors=True)
 
 
 def check_checkpoint(path: str):
@@ -113,26 +147,115 @@ def check_checkpoint(path: str):
             raise ValueError(f"{fp} is corrupt: sha256 differs from the manifest")
 
 
-def newest_good_checkpoint(run_dir: str, log) -> str:
+def newest_good_checkpoint(run_dir: str, log, what: str = "resume") -> str:
     """The newest checkpoint of run_dir that passes check_checkpoint; damaged ones are named and skipped."""
     for d in reversed(ckpt_dirs(run_dir)):
         try:
             check_checkpoint(os.path.join(run_dir, d))
             return os.path.join(run_dir, d)
         except ValueError as e:
-            log(f"resume: skipping damaged checkpoint: {e}")
-    raise SystemExit(f"resume: no usable checkpoint in {run_dir} (found: {ckpt_dirs(run_dir) or 'none'})")
+            log(f"{what}: skipping damaged checkpoint: {e}")
+    raise SystemExit(f"{what}: no usable checkpoint in {run_dir} (found: {ckpt_dirs(run_dir) or 'none'})")
 
 
-def load_run_config(run_dir: str, overrides: dict) -> Config:
-    dirs = ckpt_dirs(run_dir)
-    if not dirs:
+# The fields a resumed run may change: how long it runs, its learning rates, evaluation and checkpoint cadence,
+# logging, and how the same computation is laid out (devices, batching, kernels). Every other field defines the run
+# (model, data, seed, objective, selection, group size, β, features, ...) and is refused on resume, by name.
+RESUMABLE = ("max_steps", "lr", "logz_lr", "weight_decay", "grad_clip", "nonfinite_patience", "eval_every", "eval_samples",
+             "eval_greedy", "eval_batch", "ckpt_every", "keep_ckpts", "report_to", "kl_every", "starve_warn_steps",
+             "dist_timeout_s", "device", "attn_impl", "grad_ckpt", "rollout_batch", "sampler", "micro_batch", "logit_chunk",
+             "shared_prefix", "verifier_workers")
+
+
+def recorded_config(run_dir: str, log=print, what: str = "resume") -> dict:
+    """The run's recorded fields: config.json, or where it is missing or unreadable the newest good checkpoint's copy
+    (said once)."""
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"{what}: {run_dir} does not exist")
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        why = "is missing" if isinstance(e, FileNotFoundError) else f"is unreadable ({str(e).splitlines()[0][:120]})"
+    for d in reversed(ckpt_dirs(run_dir)):
+        try:
+            check_checkpoint(os.path.join(run_dir, d))
+            cfg = torch.load(os.path.join(run_dir, d, "state.pt"), weights_only=False)["config"]
+        except (ValueError, OSError, RuntimeError, KeyError, EOFError):
+            continue
+        log(f"{what}: {path} {why}; the run's config is taken from {d}/state.pt")
+        return {**cfg, "resume": ""}
+    raise SystemExit(f"{what}: {path} {why}, and no checkpoint of {run_dir} holds a readable copy")
+
+
+def load_run_config(run_dir: str, overrides: dict, log=None) -> Config:
+    """The recorded config of run_dir with `overrides` (the command line's fields) applied where they may change
+    mid-run (RESUMABLE), each change said once; a field that defines the run is refused by name. config.json is
+    rewritten with the changes, so the directory always says what the run does."""
+    log = log or (print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None))
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"resume: {run_dir} does not exist")
+    if not ckpt_dirs(run_dir):
         raise SystemExit(f"resume: no checkpoint (ckpt_NNNNNN) in {run_dir}")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(Config)}
+    saved = recorded_config(run_dir, log)
+    known = {f.name: f.default for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in saved.items() if k in known}
-    return Config(**{**saved, **overrides, "resume": run_dir, "out_dir": run_dir})
+    asked = {k: v for k, v in overrides.items() if k not in ("resume", "out_dir")}
+    changed = {k: (saved.get(k, known[k]), v) for k, v in asked.items() if v != saved.get(k, known[k])}
+    fixed = {k: c for k, c in changed.items() if k not in RESUMABLE}
+    if fixed:
+        raise SystemExit(f"resume: {', '.join(f'{k} (recorded {a!r}, asked {b!r})' for k, (a, b) in fixed.items())} "
+                         f"cannot change during a run; start a new run with another --out_dir, or resume without "
+                         f"{'it' if len(fixed) == 1 else 'them'} (fields a resume may change: docs/REFERENCE.md, Resume)")
+    cfg = Config(**{**saved, **asked, "resume": run_dir, "out_dir": run_dir})
+    if changed:
+        log("resume: changed from the recorded config: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_json(os.path.join(run_dir, "config.json"), {**dataclasses.asdict(cfg), "resume": saved.get("resume", "")},
+                       indent=1)
+    return cfg
+
+
+class RunLock:
+    """One run per directory: an exclusive lock (flock) on <out_dir>/run.lock for the run's lifetime, holding the
+    holder's pid and host. The kernel drops it when the process dies however it dies, so a lock left by a dead run
+    is taken over (said once); a second live run on the same directory stops at once, naming the holder."""
+
+    NAME = "run.lock"
+
+    def __init__(self, out_dir: str, log=print):
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self.fd = os.open(os.path.join(out_dir, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SystemExit(f"out_dir: cannot write to {out_dir}: {write_failure(out_dir, e)}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise SystemExit(f"out_dir: {out_dir} is in use by another run ({holder}); wait for it to end, or give this "
+                             f"run another --out_dir") from None
+        left = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+        if left:
+            log(f"out_dir: taking over the lock of {out_dir} left by a run that did not end cleanly ({left})")
+        me = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, me, 0)
+        except OSError as e:
+            raise SystemExit(f"out_dir: cannot write to {out_dir}: {write_failure(out_dir, e)}") from None
+
+    def release(self):
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)  # an empty lock file: the last run ended cleanly
+            except OSError:
+                pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def truncate_metrics(path: str, step: int):
@@ -165,26 +288,30 @@ def load_state(ckpt: str) -> dict:
 
 
 class StopSignal:
-    """SIGINT / SIGTERM set `name`; the loop checkpoints and returns after the current step. A second Ctrl-C stops now."""
+    """SIGINT / SIGTERM set `name`; the loop checkpoints and returns after the current step. A second Ctrl-C stops now,
+    except under torchrun: there one Ctrl-C reaches every rank twice (from the terminal, then forwarded by torchrun's
+    agent as it shuts down), so a repeat is the same request; the agent kills the ranks itself if they do not end
+    within its shutdown timeout (30 s)."""
 
     def __init__(self):
         self.name = None
+        self.under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         self.old = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.name is not None:
+        if self.name is not None and not self.under_torchrun:
             raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
+        self.name = self.name or signal.Signals(signum).name
 
     def restore(self):
         for sig, h in self.old.items():
             signal.signal(sig, h)
 
 
-def write_json(path: str, obj):
+def write_json(path: str, obj, indent=None):
     """A JSON file written atomically (a temporary file, then one rename)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
     os.replace(path + ".tmp", path)
 
 

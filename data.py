@@ -30,11 +30,28 @@ class Prompts:
     heldout: Split
 
 
+def check_model_path(path: str):
+    """One line for a model path that cannot be a model: missing, a file, or a directory without config.json."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise SystemExit(f"model: {path} is not a Hugging Face model directory (it has no config.json)")
+    elif os.path.exists(path):
+        raise SystemExit(f"model: {path} is a file; expected a model directory or a hub id (org/name)")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise SystemExit(f"model: {path} does not exist (and is not a hub id of the form org/name)")
+
+
 def load_tokenizer(path: str):
     """The model's tokenizer, left-padded (generation needs it), pad = EOS where it has no pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a hub id that cannot be fetched, a directory without a usable tokenizer
+        where = "the directory" if os.path.isdir(path) else "not a local directory, and the hub"
+        raise SystemExit(f"model: no tokenizer could be loaded from {path} ({where}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -54,13 +71,42 @@ def load_data(cfg, log) -> Prompts:
     if overlap:
         log(f"warning: {overlap} held-out prompts also appear in {cfg.train_data}")
     shot = (cfg.shot_prompt, cfg.shot_response)
+    cap, why = prompt_cap(cfg)
     train_rows, train_toks = drop_long(train_rows, encode_prompts(tokenizer, train_rows, log, cfg.prompt_suffix, shot),
-                                       cfg.max_prompt_tokens, cfg.train_data, log)
+                                       cap, cfg.train_data, log, why)
     eval_rows, eval_toks = drop_long(eval_rows, encode_prompts(tokenizer, eval_rows, lambda *a: None, cfg.prompt_suffix, shot),
-                                     cfg.max_prompt_tokens, cfg.eval_data, log)
+                                     cap, cfg.eval_data, log, why)
     labels = {f: [r["labels"][f] for r in train_rows] for f in train_rows[0]["labels"]}
     return Prompts(tokenizer, verify.get_verifier(cfg.verifier), Split(train_toks, [r["answer"] for r in train_rows], labels),
                    Split(eval_toks, [r["answer"] for r in eval_rows]))
+
+
+def prompt_cap(cfg) -> tuple:
+    """(the longest prompt a run takes, in tokens, and why): max_prompt_tokens, or less where the model's context
+    (max_position_embeddings) would not hold the prompt and max_new_tokens of response."""
+    from transformers import AutoConfig
+
+    try:
+        ctx = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
+    except Exception:  # the model itself is loaded (and its failure named) later; no limit known here
+        ctx = None
+    if not ctx or ctx - cfg.max_new_tokens >= cfg.max_prompt_tokens:
+        return cfg.max_prompt_tokens, f"max_prompt_tokens={cfg.max_prompt_tokens}"
+    if ctx <= cfg.max_new_tokens:
+        raise SystemExit(f"config: max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"{cfg.model} ({ctx} tokens)")
+    return ctx - cfg.max_new_tokens, f"the model's context of {ctx} tokens less max_new_tokens={cfg.max_new_tokens}"
+
+
+def check_utf8(path: str):
+    """A text data file that is not UTF-8 stops the run naming its file, line and byte."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"data: {path} line {n}: not UTF-8 text (byte 0x{line[e.start]:02x} at column "
+                                 f"{e.start + 1}); convert the file to UTF-8") from None
 
 
 def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str = "testbed", label_fields=()) -> list:
@@ -81,6 +127,8 @@ def load_prompts(path: str, prompt_field: str, answer_field: str, verifier: str 
         return check_rows(ds, path, prompt_field, answer_field, verifier, label_fields)
     if os.path.getsize(path) == 0:
         raise SystemExit(f"data: {path} is empty")
+    if not path.endswith(".parquet"):
+        check_utf8(path)
     if path.endswith(".jsonl"):  # name the line of a malformed record (datasets' own error does not)
         with open(path) as f:
             for n, line in enumerate(f, 1):
@@ -138,13 +186,13 @@ def encode_prompts(tokenizer, rows: list, log, suffix: str = "", shot: tuple = (
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def drop_long(rows, toks, cap, name, log):
-    """Skip (and count) prompts longer than the cap; all of them too long is an error."""
+def drop_long(rows, toks, cap, name, log, why=None):
+    """Skip (and count) prompts longer than the cap; all of them too long is an error. why: what sets the cap."""
+    limit = f"max_prompt_tokens={cap}" if why in (None, f"max_prompt_tokens={cap}") else f"{cap} tokens ({why})"
     keep = [i for i, t in enumerate(toks) if len(t) <= cap]
     if not keep:
-        raise SystemExit(f"data: every prompt of {name} is longer than max_prompt_tokens={cap} "
-                         f"(shortest: {min(map(len, toks))} tokens)")
+        raise SystemExit(f"data: every prompt of {name} is longer than {limit} (shortest: {min(map(len, toks))} tokens)")
     if len(keep) < len(rows):
-        log(f"{name}: skipped {len(rows) - len(keep)} of {len(rows)} prompts longer than max_prompt_tokens={cap}")
+        log(f"{name}: skipped {len(rows) - len(keep)} of {len(rows)} prompts longer than {limit}")
     return [rows[i] for i in keep], [toks[i] for i in keep]
 

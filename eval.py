@@ -1,6 +1,7 @@
 """Held-out evaluation: accuracy (sampled and greedy), pass@k, and the calibration of p̂ = β·log Z_φ.
 
     python eval.py --run=runs/paced              # newest checkpoint of a run, and its initial model
+    python eval.py --run=runs/paced --initial=true   # a run without a checkpoint yet: its initial model, on purpose
     python eval.py --model=testbed/model         # any HF model on the run config's held-out data
     python eval.py --preset=paper_math_1.5b --model=<ckpt>/model --eval_data=HuggingFaceH4/aime_2024 --eval_samples=32
 
@@ -17,10 +18,12 @@ Evaluation is sharded over all ranks (each rank samples its share of the prompts
 so it runs the same under `torchrun`. Each held-out prompt's sampling noise is seeded by the prompt,
 so two evaluations of the same model see the same noise and differences between checkpoints are
 not sampling luck.
+
+A run's checkpoint is checked as `--resume` checks it (manifest, sizes, sha256): a damaged one is named and
+skipped for the one before; a run without a usable checkpoint, or a path that does not exist, ends with one line.
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -30,7 +33,7 @@ import torch
 import config
 import paced_rl
 import verify
-from checkpoint import ckpt_dirs
+from checkpoint import ckpt_dirs, newest_good_checkpoint, recorded_config
 from data import Prompts, Split, encode_prompts, load_prompts, load_tokenizer
 from distributed import setup_distributed, teardown
 from metrics import calibration, pass_at_ks
@@ -118,24 +121,33 @@ def print_table(table: list, log):
 def main(argv):
     import tasks  # the presets
 
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    bad = [a for a in argv if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise SystemExit(f"eval: expected --key=value, got {bad[0]!r}")
+    args = dict(a[2:].split("=", 1) for a in argv)
     run, model = args.pop("run", None), args.pop("model", None)
+    initial = config.parse_value("initial", args.pop("initial", "false"), False)
     if not run and not model:
         raise SystemExit("usage: python eval.py --run=<out_dir> | --model=<hf id or path> [--key=value ...]; "
                          "tables across runs: python -m experiments.compare --runs=<dir>")
-    base = {}
+    base, newest = {}, None
     if run:
-        with open(os.path.join(run, "config.json")) as f:
-            base = {k: v for k, v in json.load(f).items() if k in {x.name for x in dataclasses.fields(config.Config)}}
+        if not os.path.isdir(run):
+            raise SystemExit(f"eval: {run} does not exist")
+        if ckpt_dirs(run):
+            newest = newest_good_checkpoint(run, print, "eval")  # resume's checks; one line if none is usable
+        elif not initial:
+            raise SystemExit(f"eval: {run} has no checkpoint (ckpt_NNNNNN) yet; --initial=true evaluates the run's "
+                             f"initial model on purpose")
+        base = {k: v for k, v in recorded_config(run, print, "eval").items() if k in {x.name for x in dataclasses.fields(config.Config)}}
     cfg = config.make_config({**base, **config.parse_args([f"--{k}={v}" for k, v in args.items()])}, tasks.PRESETS)
     ranks = setup_distributed(cfg)
     rows = load_prompts(cfg.eval_data, cfg.eval_prompt_field or cfg.prompt_field, cfg.eval_answer_field or cfg.answer_field,
                         cfg.verifier)
     targets = [(model, model, None)]  # (name, model dir, state.pt or None)
     if run:
-        ck = ckpt_dirs(run)
-        targets = [("initial", cfg.model, None)] + [(c, os.path.join(run, c, "model"), os.path.join(run, c, "state.pt"))
-                                                    for c in ck[-1:]]
+        targets = [("initial", cfg.model, None)] + ([] if newest is None else [
+            (os.path.basename(newest), os.path.join(newest, "model"), os.path.join(newest, "state.pt"))])
     table = [model_row(name, path, state, cfg, rows, ranks) for name, path, state in targets]
     ranks.log(f"held-out: {cfg.eval_data} ({len(rows)} prompts, {cfg.eval_samples} samples at T={cfg.temperature}, greedy)")
     print_table(table, ranks.log)

@@ -234,8 +234,13 @@ def frozen_embeddings(cfg, pad_id, toks: list, dtype, ranks) -> torch.Tensor:
     path = os.path.join(cfg.out_dir, "prompt_emb.pt")
     key = {"model": cfg.model, "features": cfg.logz_features, "train": cfg.train_data, "eval": cfg.eval_data, "n": len(toks),
            **({"layer": cfg.logz_layer} if cfg.logz_layer != -1 else {})}  # (today's key for the last layer: old caches stay valid)
-    emb = torch.load(path) if os.path.exists(path) else None
-    if emb is None or emb.get("key") != key:
+    emb = None
+    if os.path.exists(path):
+        try:
+            emb = torch.load(path)
+        except Exception as e:  # a cache cut short or damaged: it is only a cache, so it is recomputed
+            ranks.log(f"{path} is unreadable ({type(e).__name__}): recomputing it")
+    if not isinstance(emb, dict) or emb.get("key") != key:
         base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(ranks.device).eval()
         mine = list(range(ranks.rank, len(toks), ranks.world))
         spans = distinct_spans(toks) if cfg.logz_features == "distinct" else None  # over every prompt, before sharding

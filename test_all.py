@@ -1302,8 +1302,8 @@ def test_baselines_resume_exactly(small_testbed, tmp_path, algo):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     lab_run.main(run_args(small_testbed, full, max_steps=4, ckpt_every=2, method=algo))
     lab_run.main(run_args(small_testbed, part, max_steps=2, ckpt_every=2, method=algo))
-    with pytest.raises(SystemExit, match=re.escape("resume: the checkpoint was written by the objective")):
-        train.main([f"--resume={part}", "--max_steps=4"])  # PACED-RL's loop on a baseline's checkpoint: refused, named
+    with pytest.raises(SystemExit, match=re.escape(f"resume: {part} is a run of the research harness")):
+        train.main([f"--resume={part}", "--max_steps=4"])  # PACED-RL's loop on a baseline's run: refused, named
     lab_run.main([f"--resume={part}", "--max_steps=4"])
     a, b = read_metrics(full), read_metrics(part)
     assert len(a) == len(b) == 5

@@ -26,7 +26,6 @@ its update on every rank, SIGINT / SIGTERM checkpoint and stop after the current
 
 import dataclasses
 import gc
-import json
 import os
 import sys
 import time
@@ -116,19 +115,18 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
     prepare(cfg): run on rank 0 before any data is read (the bundled tasks' check), the other ranks waiting."""
     ranks = setup_distributed(cfg)
     cfg = resolve(cfg, ranks)
+    if not cfg.resume and ckpt.ckpt_dirs(cfg.out_dir):
+        raise SystemExit(f"{cfg.out_dir} already holds checkpoints of a run: continue it with --resume={cfg.out_dir}, "
+                         f"or start a new run with another --out_dir")
     if prepare is not None and ranks.rank == 0:
         prepare(cfg)
     if ranks.world > 1:
         dist.barrier()
     start = ckpt.newest_good_checkpoint(cfg.out_dir, ranks.log) if cfg.resume else None
     run = Run(cfg, ranks, load_data(cfg, ranks.log))
-    if not cfg.resume and ckpt.ckpt_dirs(cfg.out_dir):
-        raise SystemExit(f"{cfg.out_dir} already holds checkpoints of a run: continue it with --resume={cfg.out_dir}, "
-                         f"or start a new run with another --out_dir")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_batch(cfg, run.prompts)
     if ranks.rank == 0 and not cfg.resume:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=1)
+        ckpt.write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg), indent=1)
     run.objective = objective(run)
     run.model = build_model(cfg, run.objective, os.path.join(start, "model") if start else cfg.model, ranks)
     # probed after the parameters are listed: a sharded root stays unsharded after a forward call without backward
@@ -148,6 +146,14 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
     return run
 
 
+def check_batch(cfg: Config, prompts: Prompts):
+    """Refuse, before any work, a batch the data cannot fill: B distinct prompts a step out of the training split."""
+    n = len(prompts.train.toks)
+    if cfg.prompts_per_step > n:
+        raise SystemExit(f"config: prompts_per_step={cfg.prompts_per_step} exceeds the {n} training prompts of "
+                         f"{cfg.train_data} (after skipping those too long): lower --prompts_per_step")
+
+
 def seams_of(run: Run) -> dict:
     """The names of the objective and the selector a checkpoint was written with: a resume must use the same."""
     return {"objective": type(run.objective).__name__, "selector": type(run.selector).__name__}
@@ -160,7 +166,10 @@ def restore(run: Run, st: dict):
                          f"the research harness's methods)")
     if run.model.policy.logz is not None:
         run.model.policy.logz.load_state_dict(st["logz"])
+    lrs = [(g["lr"], g["weight_decay"]) for g in run.model.opt.param_groups]  # as this run's config sets them
     ckpt.load_opt_state(run.model.policy, run.model.opt, st["opt"], run.cfg)
+    for g, (lr, wd) in zip(run.model.opt.param_groups, lrs):  # a resume that changes --lr applies it for real
+        g["lr"], g["weight_decay"] = lr, wd
     run.selector.load_state_dict(st["selector"])
     run.objective.load_state_dict(st.get("objective") or run.objective.state_dict())  # checkpoints before the memory: empty
     run.buf.load_state_dict(st["replay"])
@@ -326,8 +335,13 @@ def train(cfg: Config, objective=PacedObjective, selector=PacedSelector, probes=
     holds the process group, which teardown must be able to free; distributed.teardown says why).
     objective, selector: classes (or factories) called with the Run once the data is loaded; probes: factories
     of objects whose step(run, step, row) and evaluate(run, result) add metrics of their own; prepare: see setup."""
-    run = setup(cfg, objective, selector, prepare)
-    result = loop(run, [make(run) for make in probes])
+    lock = ckpt.RunLock(cfg.out_dir) if int(os.environ.get("RANK", "0")) == 0 else None  # one run per directory
+    try:
+        run = setup(cfg, objective, selector, prepare)
+        result = loop(run, [make(run) for make in probes])
+    finally:
+        if lock is not None:
+            lock.release()
     world = run.ranks.world
     if world > 1:  # the run, its sharded model and their process-group handles go before the group does
         result.pop("policy")
@@ -396,6 +410,9 @@ def main(argv=None):
     import tasks  # the bundled tasks: their presets, and the shipped testbed checked before the run
 
     overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if overrides.get("resume") and os.path.exists(os.path.join(overrides["resume"], "lab.json")):
+        raise SystemExit(f"resume: {overrides['resume']} is a run of the research harness (it has lab.json): resume it "
+                         f"with python -m experiments.run --resume={overrides['resume']}")
     cfg = ckpt.load_run_config(overrides["resume"], overrides) if overrides.get("resume") else make_config(overrides, tasks.PRESETS)
     return run_main(cfg, prepare=tasks.check_for)
 

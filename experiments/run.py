@@ -49,17 +49,51 @@ def check_lab(cfg, base: baselines.BaselineConfig, study: selectors.StudyConfig)
     if study.select == "oracle" and (cfg.verifier != "testbed" or study.exact_metrics == "off"):
         raise SystemExit("config: select=oracle needs exact accuracies, which only the testbed's exact-match verifier "
                          f"has (got verifier={cfg.verifier}, exact_metrics={study.exact_metrics})")
+    if base.dynamic_sampling and cfg.group_size < 2:
+        raise SystemExit("config: dynamic_sampling keeps groups whose rewards differ, which a group of one never has; "
+                         "use group_size >= 2")
+    if base.algo in ("grpo", "flowrl") and cfg.group_size < 2:
+        raise SystemExit(f"config: algo={base.algo} learns from group-normalized advantages, which are 0 for a group of "
+                         f"one: group_size={cfg.group_size} trains nothing; use group_size >= 2")
     if study.exact_metrics == "on" and cfg.verifier != "testbed":
         raise SystemExit(f"config: exact_metrics=on needs the testbed verifier (exact match); got verifier={cfg.verifier}")
+
+
+def resumed_lab(overrides: dict) -> dict:
+    """A resumed run's harness fields (lab.json), with `overrides`: a method or harness field that differs from the
+    recorded one is refused by name (they define the run); the core's fields go to checkpoint.load_run_config."""
+    run_dir = overrides["resume"]
+    path = os.path.join(run_dir, "lab.json")
+    if not os.path.exists(path):
+        if not os.path.isdir(run_dir):
+            raise SystemExit(f"resume: {run_dir} does not exist")
+        raise SystemExit(f"resume: {run_dir} has no lab.json: it was not started by the research harness; resume it "
+                         f"with python train.py --resume={run_dir}")
+    try:
+        with open(path) as f:
+            lab = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"resume: {path} is unreadable ({e})") from None
+    names = {f.name for c in (*LAB, MethodName) for f in dataclasses.fields(c)}
+    differ = {k: (lab.get(k), v) for k, v in overrides.items() if k in names and lab.get(k) != v}
+    if differ:
+        raise SystemExit(f"resume: {', '.join(f'{k} (recorded {a!r}, asked {b!r})' for k, (a, b) in differ.items())} "
+                         f"cannot change during a run; start a new run with another --out_dir")
+    return lab
 
 
 def make_configs(overrides: dict) -> tuple:
     """(Config, BaselineConfig, StudyConfig, method name): defaults, the preset's values, the method's, then `overrides`. The
     baselines (algo grpo, flowrl) sample prompts uniformly and have no replay buffer, as published: select and
-    replay are set so unless given."""
+    replay are set so unless given. On resume: the recorded run's fields, with only what may change mid-run applied."""
     if overrides.get("resume"):
-        with open(os.path.join(overrides["resume"], "lab.json")) as f:
-            overrides = {**json.load(f), **overrides}
+        lab = resumed_lab(overrides)
+        core, _, _ = split(overrides)
+        cfg = train.ckpt.load_run_config(overrides["resume"], core)
+        base = baselines.BaselineConfig(**{k: v for k, v in lab.items() if k in {f.name for f in dataclasses.fields(baselines.BaselineConfig)}})
+        study = selectors.StudyConfig(**{k: v for k, v in lab.items() if k in {f.name for f in dataclasses.fields(selectors.StudyConfig)}})
+        check_lab(cfg, base, study)
+        return cfg, base, study, lab.get("method", "")
     method = overrides.get("method", "")
     merged = {**tasks.PRESETS.get(overrides.get("preset", ""), {}), **(methods.fields_of(method) if method else {}), **overrides}
     if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_lab names the conflict
@@ -72,10 +106,7 @@ def make_configs(overrides: dict) -> tuple:
         if study.regime not in testbed.REGIMES:
             raise SystemExit(f"config: regime={study.regime!r}; expected one of {sorted(testbed.REGIMES)}")
         core["train_data"] = testbed.regime_path(core.get("testbed_dir", config.Config.testbed_dir), study.regime)
-    if core.get("resume"):
-        cfg = train.ckpt.load_run_config(core["resume"], core)
-    else:
-        cfg = config.make_config(core, tasks.PRESETS)
+    cfg = config.make_config(core, tasks.PRESETS)
     check_lab(cfg, base, study)
     return cfg, base, study, method
 
@@ -90,8 +121,11 @@ def seams(base: baselines.BaselineConfig, study: selectors.StudyConfig) -> dict:
             "probes": [functools.partial(selectors.StudyProbe, lab=study)]}
 
 
-def prepare(cfg, study: selectors.StudyConfig):
-    """Rank 0, before the data is read: the bundled tasks checked, a regime's training file built on first use."""
+def prepare(cfg, study: selectors.StudyConfig, lab: dict = None):
+    """Rank 0, holding the run directory's lock, before the data is read: a new run's harness fields written to
+    <out_dir>/lab.json; the bundled tasks checked, a regime's training file built on first use."""
+    if lab is not None and not cfg.resume:
+        train.ckpt.write_json(os.path.join(cfg.out_dir, "lab.json"), lab)
     tasks.check_for(cfg)
     if study.regime and not os.path.exists(cfg.train_data):
         from tasks import testbed
@@ -102,11 +136,8 @@ def prepare(cfg, study: selectors.StudyConfig):
 def main(argv=None):
     overrides = config.parse_args(sys.argv[1:] if argv is None else argv, (config.Config, *LAB, MethodName))
     cfg, base, study, method = make_configs(overrides)
-    if int(os.environ.get("RANK", "0")) == 0 and not cfg.resume and not train.ckpt.ckpt_dirs(cfg.out_dir):
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        lab = {"method": method, **dataclasses.asdict(base), **dataclasses.asdict(study)}
-        train.ckpt.write_json(os.path.join(cfg.out_dir, "lab.json"), lab)
-    return train.run_main(cfg, prepare=functools.partial(prepare, study=study), **seams(base, study))
+    lab = {"method": method, **dataclasses.asdict(base), **dataclasses.asdict(study)}
+    return train.run_main(cfg, prepare=functools.partial(prepare, study=study, lab=lab), **seams(base, study))
 
 
 if __name__ == "__main__":
