@@ -306,3 +306,56 @@ def test_ctrl_c_under_torchrun_checkpoints_every_time(small_testbed, tmp_path):
     [d] = ckpt.ckpt_dirs(out)
     ckpt.check_checkpoint(os.path.join(out, d))
     assert int(d[5:]) == len(train_rows(out))  # the checkpoint is of the last logged step
+
+
+# ---------------------------------------------------------------------------------- past one machine
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(args: list, rdzv_id: str, **popen):
+    """Two torchrun agents as two nodes of one job (--nnodes=2, one process each, c10d rendezvous on 127.0.0.1, node 0
+    hosting the store), as a GPU cluster would launch them; returns both Popen objects."""
+    port = free_port()
+    agent = lambda host: [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",  # noqa: E731
+                          f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={rdzv_id}", f"--rdzv_conf=is_host={host}",
+                          "train.py", *args]
+    return [subprocess.Popen(agent(h), cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+            for h in ("true", "false")]
+
+
+def test_two_nodes_train_stop_and_resume_as_one_node_does(small_testbed, tmp_path):
+    """The multi-node launch on one machine: two agents train, checkpoint and stop, and resume to the rows of a one-node
+    2-process run; a node killed (its agent and its rank) gives the other node one clear line and a non-zero exit
+    within seconds."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                        *run_args(small_testbed, one, max_steps=4, ckpt_every=2)], cwd=HERE, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for argv in (run_args(small_testbed, two, max_steps=2, ckpt_every=2), [f"--resume={two}", "--max_steps=4"]):
+        nodes = two_nodes(argv, "paced_test")
+        for n in nodes:
+            _, err = n.communicate(timeout=600)
+            assert n.returncode == 0, err[-2000:]
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert untimed(ra) == untimed(rb)
+    killed = str(tmp_path / "killed")
+    nodes = two_nodes(run_args(small_testbed, killed, max_steps=100000, eval_every=100000, ckpt_every=100000,
+                               dist_timeout_s=60), "paced_kill")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(os.path.join(killed, "metrics.jsonl")) and len(read_metrics(killed)) >= 3):
+        time.sleep(0.5)
+    victim = nodes[1]
+    ranks = subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [victim.pid, *map(int, ranks)]:  # the node: its agent and the rank it started
+        os.kill(pid, signal.SIGKILL)
+    start = time.time()
+    _, err = nodes[0].communicate(timeout=300)
+    victim.communicate()
+    assert nodes[0].returncode != 0 and time.time() - start < 60
+    assert re.search(r"rank \d: stopping: a collective operation failed, most likely because another rank died", err)
