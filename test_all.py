@@ -2687,6 +2687,7 @@ IMPORTS = {
     "experiments.gpu_check": ["lm", "static_decode", "tasks.testbed"],
     "experiments.static_oracle": ["config", "data", "distributed", "rollout", "tasks"],
     "experiments.zphi_replay": ["config", "data", "distributed", "experiments.compare", "metrics", "paced_rl"],
+    "experiments.estimator_replay": ["config", "data", "experiments.compare", "paced_rl", "scheduler"],
 }
 
 
