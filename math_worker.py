@@ -13,7 +13,21 @@ import subprocess
 import sys
 import threading
 
-from verify import last_boxed
+
+def last_boxed(text: str):
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces matched; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: no answer
 
 
 def math_impl(response: str, answer: str) -> float:

@@ -2669,7 +2669,7 @@ def test_bench_prints_each_modes_split_and_its_ratio_to_off(capsys):
 # imports them.
 IMPORTS = {
     "lm": [], "paced_rl": ["distributed", "lm"], "tb_loss": [], "scheduler": [], "replay": [], "sandbox": [],
-    "verify": ["math_worker", "sandbox"], "math_worker": ["verify"], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
+    "verify": ["math_worker", "sandbox"], "math_worker": [], "metrics": [], "distributed": [], "config": ["verify"], "checkpoint": ["config"],
     "data": ["verify"], "report": ["checkpoint"], "rollout": ["distributed", "lm", "metrics", "static_decode", "verify"], "static_decode": ["lm"], "update": ["distributed", "lm", "paced_rl", "tb_loss"],
     "eval": ["checkpoint", "config", "data", "distributed", "metrics", "paced_rl", "rollout", "tasks", "verify"],
     "train": ["checkpoint", "config", "data", "distributed", "lm", "metrics", "paced_rl", "replay", "report", "rollout",
@@ -2780,6 +2780,11 @@ def test_imports_are_the_tree_the_readme_draws():
                 names |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in files else n.module for a in n.names}
         deps[m] = sorted(names & set(files) - {m})
     assert deps == IMPORTS
+
+    def circle(m, path):  # a module reached again along its own imports
+        return next((path + [d] for d in deps[m] if d in path), None) or next(
+            (c for d in deps[m] if (c := circle(d, path + [d]))), None)
+    assert not [c for m in deps if (c := circle(m, [m]))]
     assert not [m for m, d in deps.items() if not m.startswith("experiments") and any(x.startswith("experiments") for x in d)]
 
 

@@ -23,6 +23,8 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
+from math_worker import last_boxed  # the boxed answer, shared with the worker process (no circle: math_worker imports nothing of ours)
+
 
 
 def _checked(fn, *args, **kwargs):
@@ -77,22 +79,6 @@ def code_reward(response: str, tests, all_or_nothing: bool = False, limits=None)
 
 
 # ----------------------------------------------------------------------------- math answers
-
-
-def last_boxed(text: str):
-    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces matched; None if there is none."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced: no answer
 
 
 _worker = None
