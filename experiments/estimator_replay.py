@@ -8,7 +8,8 @@ rule picks B of it. Two scores, as the registered plan in RESULTS.md names them:
 - the picks' expected informative share, 1 − a0^G − (1 − a0)^G with a0 the initial policy's measured accuracy
   (results/smollm2_study/initial_accuracy.json), and their never-solved share (a0 = 0);
 - the prequential error: the estimate of step t's observed groups before it has seen them, mean |p̂ − a|, and
-  Pearson r.
+  Pearson r; and what that error does to the TB loss's policy gradient (`baseline_share`): the share of its
+  weight that is the baseline's error rather than the group's own contrast.
 
 The records' groups are what the record's own selector chose, so a candidate learns from that run's data, not
 from its own picks: exact for uniform-selection records (`paced_replay_only`, `grpo`), an approximation for
@@ -127,6 +128,16 @@ class Ridge:
         self.w = torch.linalg.solve(xw.T @ x + reg, xw.T @ torch.as_tensor(a, dtype=torch.float64))
 
 
+def baseline_share(p_hat, acc) -> float:
+    """The share of the TB loss's policy-gradient weight that is the estimator's error rather than the group's own
+    contrast. At θ = θ_old a sample's weight is (p̂ − r)/β (tb_loss.py), and over a group of G samples
+    Σ (r_i − p̂)² = G·a(1 − a) + G·(a − p̂)²: the first term is the within-group contrast (GRPO's signal, 0 in an
+    all-equal group), the second the baseline's error. Returns Σ G(a − p̂)² / Σ [G·a(1 − a) + G(a − p̂)²]."""
+    p, a = np.asarray(p_hat, float), np.asarray(acc, float)
+    err, contrast = ((a - p) ** 2).sum(), (a * (1 - a)).sum()
+    return float(err / (err + contrast)) if err + contrast > 0 else float("nan")
+
+
 def make_estimator(spec: str, emb, cfg):
     kind, *p = spec.split(":")
     if kind == "online":
@@ -191,7 +202,8 @@ def score(cfg, rows, emb, est_spec, rules, a0) -> dict:
             pairs += [(q, float(0 < x < 1)) for q, x in zip(p, a)]
         est.observe(t, r["groups"])
     p, a = np.concatenate(pre_p), np.concatenate(pre_a)
-    out = {"err": float(np.abs(p - a).mean()), "r": float(np.corrcoef(p, a)[0, 1]) if p.std() > 0 else float("nan")}
+    out = {"err": float(np.abs(p - a).mean()), "r": float(np.corrcoef(p, a)[0, 1]) if p.std() > 0 else float("nan"),
+           "baseline_share": baseline_share(p, a)}
     for rule, ps in picks.items():
         ch = np.concatenate(ps)
         out[rule] = (float(inform[ch].mean()), float((a0[ch] == 0).mean()))
@@ -199,6 +211,7 @@ def score(cfg, rows, emb, est_spec, rules, a0) -> dict:
 
 
 def main(argv):
+    torch.set_num_threads(1)  # tiny tensors: one thread, so that a busy machine does not stall every op
     args = dict(a.lstrip("-").split("=", 1) for a in argv)
     unknown = set(args) - {"runs", "methods", "estimators", "features", "rules", "oracle", "cache"}
     if unknown or "runs" not in args:
@@ -215,14 +228,15 @@ def main(argv):
     inform = 1 - a0 ** recs[0][1]["group_size"] - (1 - a0) ** recs[0][1]["group_size"]
     print(f"{len(recs)} records; whole-data informative share {inform.mean():.2f}, never solved {(a0 == 0).mean():.2f}")
     print("| features | estimator | " + " | ".join(f"{r}: informative / never solved" for r in rules)
-          + " | prequential err | r |")
-    print("|---" * (4 + len(rules)) + "|")
+          + " | prequential err | r | baseline share of TB's gradient weight |")
+    print("|---" * (5 + len(rules)) + "|")
     for f in feats:
         for e in ests:
             res = [score(cfg, rows, emb[f], e, rules, a0) for _, cfg, rows in recs]
             cell = lambda xs: f"{np.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}]"  # noqa: E731
             print(f"| {f} | {e} | " + " | ".join(f"{cell([x[r][0] for x in res])} / {cell([x[r][1] for x in res])}" for r in rules)
-                  + f" | {cell([x['err'] for x in res])} | {cell([x['r'] for x in res])} |", flush=True)
+                  + f" | {cell([x['err'] for x in res])} | {cell([x['r'] for x in res])} | "
+                  f"{cell([x['baseline_share'] for x in res])} |", flush=True)
 
 
 if __name__ == "__main__":

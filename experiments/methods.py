@@ -53,6 +53,9 @@ METHODS = {  # name: (what it is, its config fields)
                          {"algo": "paced", "select": "static", "accuracy_file": "results/smollm2_study/initial_accuracy.json"}),
     "grpo_static_oracle": ("GRPO selecting by the initial policy's measured accuracy (SmolLM2's file by default)",
                            {"algo": "grpo", "select": "static", "accuracy_file": "results/smollm2_study/initial_accuracy.json"}),
+    "paced_memory": ("PACED-RL with Z_φ refitted on every observed group (10 passes, half-life 4 steps) and the highest p̂ "
+                     "chosen (τ = 1): the estimator and rule registered offline on the SmolLM2 records (RESULTS.md)",
+                     {"algo": "paced", "logz_memory_passes": 10, "logz_memory_half_life": 4.0, "tau": 1.0}),
     "tb_hybrid_greedy": ("the hybrid selector without exploration slots",
                          {"algo": "paced", "select": "hybrid", "explore_frac": 0.0}),
 }
@@ -70,6 +73,7 @@ GROUPS = {  # the names each experiment loops over
     "smollm2_study": ["grpo", "grpo_history", "grpo_dynamic", "paced_replay_only", "paced"],  # experiments/smollm2_study.sh
     "smollm2_again": ["paced_replay_only", "paced", "tb_static_oracle"],  # experiments/smollm2_again.sh, budgets A and B
     "smollm2_budget": ["grpo", "paced", "tb_static_oracle"],  # experiments/smollm2_again.sh, budget C
+    "smollm2_memory": ["paced_memory"],  # experiments/smollm2_memory.sh, budgets A and C
 }
 
 
