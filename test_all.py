@@ -1174,7 +1174,7 @@ def golden_run(small_testbed, tmp_path, name):
 # MKL_CBWR=COMPATIBLE; one thread or two gave identical bits): the first sampled token flipped at step 21 (paced,
 # MKL's portable path), so the runs stop at step 12; before it the largest float difference was 7.3e-3 relative
 # (beta_kl, a small difference of log-probs; every other metric < 1e-3). GOLDEN_RTOL leaves a margin of 2.7.
-# On a CPU with AVX-512 (RESULTS.md, "The golden test") the native kernels move paced's step-10 beta_kl by 3.5e-2,
+# On a CPU with AVX-512 (results/log/portability.md, "The golden test") the native kernels move paced's step-10 beta_kl by 3.5e-2,
 # grad_norm by 1.4e-2 and eval_acc_est_corr_exact (a correlation near 0.08) by 8.4e-3 from the file, every count
 # still exact; its avx2 and default kernel sets stay within 3.5e-3. Those three metrics get 2.7 times their largest
 # measured difference; every other float keeps GOLDEN_RTOL.

@@ -3,7 +3,7 @@
 For each step t ≥ 1 of a record, a candidate estimator is trained on the record's observed groups of steps < t
 (prompt, observed accuracy a, step), scores the step's candidate pool (rebuilt from the run's seed: the loop's
 PromptPool; a uniform-selection record's own pool was B wide, the candidate's is the run's pool_size), and a
-rule picks B of it. Two scores, as the registered plan in RESULTS.md names them:
+rule picks B of it. Two scores, as the registered plan in results/log/estimator_memory.md names them:
 
 - the picks' expected informative share, 1 − a0^G − (1 − a0)^G with a0 the initial policy's measured accuracy
   (results/smollm2_study/initial_accuracy.json), and their never-solved share (a0 = 0);

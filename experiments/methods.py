@@ -54,7 +54,7 @@ METHODS = {  # name: (what it is, its config fields)
     "grpo_static_oracle": ("GRPO selecting by the initial policy's measured accuracy (SmolLM2's file by default)",
                            {"algo": "grpo", "select": "static", "accuracy_file": "results/smollm2_study/initial_accuracy.json"}),
     "paced_memory": ("PACED-RL with Z_φ refitted on every observed group (10 passes, half-life 4 steps) and the highest p̂ "
-                     "chosen (τ = 1): the estimator and rule registered offline on the SmolLM2 records (RESULTS.md)",
+                     "chosen (τ = 1): the estimator and rule registered offline on the SmolLM2 records (results/log/estimator_memory.md)",
                      {"algo": "paced", "logz_memory_passes": 10, "logz_memory_half_life": 4.0, "tau": 1.0}),
     "tb_hybrid_greedy": ("the hybrid selector without exploration slots",
                          {"algo": "paced", "select": "hybrid", "explore_frac": 0.0}),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The real-model question asked again (RESULTS.md, "The real-model question again"): on --preset=smollm2_arith,
+# The real-model question asked again (results/log/smollm2_again.md): on --preset=smollm2_arith,
 #   A. paced and paced_replay_only under today's defaults at the study's budget (16 steps × 8 prompts), 3 seeds,
 #      beside the study's GRPO arms, reused only if a rerun of grpo seed 0 reproduces its record exactly;
 #   B. the static oracle: the initial policy's accuracy on every training prompt (16 samples), and the TB loss

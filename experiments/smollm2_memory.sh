@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The estimator registered offline (RESULTS.md, "An estimator that learns from every group"), in full runs on
+# The estimator registered offline (results/log/estimator_memory.md), in full runs on
 # --preset=smollm2_arith: `paced_memory` (Z_φ refitted on every observed group, the highest p̂ chosen) at budget A
 # (16 steps × 8 prompts, pool 32) and C (32 steps × 16 prompts, pool 64), 3 seeds each, beside the records of
 # experiments/smollm2_again.sh (whose budget-C seed 2 arms run after A here). Resumable and skipping finished runs,

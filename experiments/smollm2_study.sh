@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Does difficulty scheduling pay on a real pretrained model? (RESULTS.md, "The SmolLM2 study")
+# Does difficulty scheduling pay on a real pretrained model? (results/log/smollm2.md, "The SmolLM2 study")
 # experiments/methods.py's `smollm2_study` group (GRPO, GRPO + history, GRPO + dynamic sampling, the TB loss with uniform
 # selection, PACED-RL) × 3 seeds on --preset=smollm2_arith, one process each, one run after the other; then
 # the table and plots in results/smollm2_study. 15 to 25 minutes a run on 2 CPU cores, dynamic sampling longer, so

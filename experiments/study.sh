@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Where difficulty scheduling pays (RESULTS.md, "The scheduling study"): every difficulty regime × the methods
+# Where difficulty scheduling pays (results/log/study.md): every difficulty regime × the methods
 # of experiments/methods.py's `study` group × 3 seeds on the bundled testbed, the larger pool in `high`, and the Z_φ
 # variants (group `study_zphi`) in `mid` and `high`; then results/study_table.md and results/study_savings.png.
 #   bash experiments/study.sh                                                  # the whole study

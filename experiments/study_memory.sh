@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scheduling study's `mid` regime again on today's testbed (RESULTS.md, "No regression where scheduling paid"):
+# The scheduling study's `mid` regime again on today's testbed (results/log/estimator_memory.md, "No regression where scheduling paid"):
 # grpo, the TB oracle, PACED-RL with the paper's greedy rule and with the registered memory estimator (paced_memory),
 # 3 seeds each, the study's settings; then results/study_memory/study_table.md. Resumable (compare.sh).
 #   bash experiments/study_memory.sh          # about 20 minutes on 2 idle CPU cores
