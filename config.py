@@ -160,7 +160,7 @@ RANGES = {
     "max_new_tokens": "[1, inf)", "rollout_batch": "[0, inf)", "micro_batch": "[0, inf)", "logit_chunk": "[0, inf)",
     "updates_per_batch": "[1, inf)", "temperature": "(0, inf)", "kl_every": "[0, inf)", "beta": "(0, inf)",
     "tau": "[0, 1]", "explore_frac": "[0, 1]", "pool_size": "[0, inf)", "logz_hidden": "[1, inf)",
-    "logz_init_acc": "[0, 1]", "logz_memory_passes": "[0, inf)", "logz_memory_half_life": "[0, inf)", "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)",
+    "logz_init_acc": "[0, 1]", "logz_memory_passes": "[0, inf)", "logz_layer": "[-1000, 1000]", "logz_memory_half_life": "[0, inf)", "replay_capacity": "[1, inf)", "replay_add_k": "[0, inf)", "replay_per_step": "[0, inf)",
     "replay_is_clip": "[0, inf)", "lr": "(0, inf)", "logz_lr": "(0, inf)", "logz_lr_fan_in": "[0, inf)",
     "weight_decay": "[0, inf)", "grad_clip": "[0, inf)", "nonfinite_patience": "[1, inf)", "starve_warn_steps": "[0, inf)", "eval_every": "[1, inf)",
     "eval_samples": "[1, inf)", "eval_batch": "[1, inf)", "ckpt_every": "[1, inf)", "keep_ckpts": "[1, inf)",
