@@ -78,7 +78,7 @@ def test_the_docs_print_commands():
     assert len(found) > 30
 
 
-@pytest.mark.parametrize("where,cmd", CMDS, ids=[f"{w}:{c[:60]}" for w, c in CMDS])
+@pytest.mark.parametrize("where,cmd", CMDS, ids=[re.sub(r"[^\w.:=/-]+", "_", f"{w}:{c[:60]}") for w, c in CMDS])
 def test_every_printed_command_is_one_the_code_takes(where, cmd):
     kind, target, args = split_command(cmd)
     if kind == "bash":
