@@ -36,7 +36,7 @@ import torch
 
 import paced_rl
 from experiments.compare import run_config
-from scheduler import PromptPool, informative_share, nearest
+from scheduler import PromptPool, nearest
 
 ORACLE = "results/smollm2_study/initial_accuracy.json"
 
@@ -147,6 +147,20 @@ def make_estimator(spec: str, emb, cfg):
     if kind == "ridge":
         return Ridge(emb, cfg, float(p[0]), float(p[1]))
     raise SystemExit(f"estimator_replay: unknown estimator {spec!r}")
+
+
+def informative_share(p_hat, var: float, G: int) -> np.ndarray:
+    """The expected share of a group of G samples that is not all-equal, 1 − E[p^G] − E[(1 − p)^G], where a prompt's
+    accuracy p is uncertain: p ~ Beta with mean p̂ and variance `var` (the estimator's own squared error, capped
+    below p̂(1 − p̂)). With var → 0 it is 1 − p̂^G − (1 − p̂)^G; with a large var a mid p̂ may be a prompt at 0 or 1,
+    so prompts whose p̂ is high (often solved, rarely always) rank above those whose p̂ sits at τ by averaging."""
+    m = np.clip(np.asarray(p_hat, dtype=np.float64), 1e-6, 1 - 1e-6)
+    v = np.minimum(var, 0.999 * m * (1 - m))
+    k = m * (1 - m) / v - 1  # Beta(m·k, (1 − m)·k) has mean m and variance v
+    a, b = m * k, (1 - m) * k
+    e_all_right = np.prod([(a + i) / (k + i) for i in range(G)], axis=0)  # E[p^G] of a Beta
+    e_all_wrong = np.prod([(b + i) / (k + i) for i in range(G)], axis=0)
+    return 1 - e_all_right - e_all_wrong
 
 
 def mixed_rate(p_hat, pairs):
