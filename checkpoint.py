@@ -194,11 +194,9 @@ def load_run_config(run_dir: str, overrides: dict, log=None) -> Config:
     mid-run (RESUMABLE), each change said once; a field that defines the run is refused by name. config.json is
     rewritten with the changes, so the directory always says what the run does."""
     log = log or (print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a: None))
-    if not os.path.isdir(run_dir):
-        raise SystemExit(f"resume: {run_dir} does not exist")
+    saved = recorded_config(run_dir, log)  # names a directory that does not exist
     if not ckpt_dirs(run_dir):
         raise SystemExit(f"resume: no checkpoint (ckpt_NNNNNN) in {run_dir}")
-    saved = recorded_config(run_dir, log)
     known = {f.name: f.default for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in saved.items() if k in known}
     asked = {k: v for k, v in overrides.items() if k not in ("resume", "out_dir")}

@@ -124,7 +124,9 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
         dist.barrier()
     start = ckpt.newest_good_checkpoint(cfg.out_dir, ranks.log) if cfg.resume else None
     run = Run(cfg, ranks, load_data(cfg, ranks.log))
-    check_batch(cfg, run.prompts)
+    if cfg.prompts_per_step > len(run.prompts.train.toks):  # B distinct prompts a step: refused before any work
+        raise SystemExit(f"config: prompts_per_step={cfg.prompts_per_step} exceeds the {len(run.prompts.train.toks)} training "
+                         f"prompts of {cfg.train_data} (after skipping those too long): lower --prompts_per_step")
     if ranks.rank == 0 and not cfg.resume:
         ckpt.write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg), indent=1)
     run.objective = objective(run)
@@ -144,14 +146,6 @@ def setup(cfg: Config, objective, selector, prepare=None) -> Run:
     if ranks.rank == 0:
         ckpt.truncate_metrics(metrics_path(run), run.progress.step)
     return run
-
-
-def check_batch(cfg: Config, prompts: Prompts):
-    """Refuse, before any work, a batch the data cannot fill: B distinct prompts a step out of the training split."""
-    n = len(prompts.train.toks)
-    if cfg.prompts_per_step > n:
-        raise SystemExit(f"config: prompts_per_step={cfg.prompts_per_step} exceeds the {n} training prompts of "
-                         f"{cfg.train_data} (after skipping those too long): lower --prompts_per_step")
 
 
 def seams_of(run: Run) -> dict:

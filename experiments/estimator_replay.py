@@ -87,7 +87,7 @@ class Online:
         self.head.set_normalization(emb)
         self.opt = torch.optim.AdamW(self.head.param_groups(lr, 96))
         self.memory = paced_rl.ObservationMemory()
-        self.emb, self.G, self.passes, self.half = emb, cfg["group_size"], passes, half
+        self.emb, self.passes, self.half = emb, passes, half
 
     def predict(self, idx):
         with torch.no_grad():
@@ -96,7 +96,7 @@ class Online:
     def observe(self, step, groups):
         idx = torch.tensor([g[0] for g in groups])
         a = torch.tensor([g[1] for g in groups], dtype=torch.float32)
-        loss = ((self.head.value(self.emb[idx]) - a) ** 2).sum() * self.G / (len(idx) * self.G)
+        loss = ((self.head.value(self.emb[idx]) - a) ** 2).mean()  # the TB log Z term over G samples a group, ÷ G
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()

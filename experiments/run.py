@@ -90,10 +90,10 @@ def make_configs(overrides: dict) -> tuple:
         lab = resumed_lab(overrides)
         core, _, _ = split(overrides)
         cfg = train.ckpt.load_run_config(overrides["resume"], core)
-        base = baselines.BaselineConfig(**{k: v for k, v in lab.items() if k in {f.name for f in dataclasses.fields(baselines.BaselineConfig)}})
-        study = selectors.StudyConfig(**{k: v for k, v in lab.items() if k in {f.name for f in dataclasses.fields(selectors.StudyConfig)}})
+        _, fields, method = split(lab)
+        base, study = baselines.BaselineConfig(**fields[baselines.BaselineConfig]), selectors.StudyConfig(**fields[selectors.StudyConfig])
         check_lab(cfg, base, study)
-        return cfg, base, study, lab.get("method", "")
+        return cfg, base, study, method
     method = overrides.get("method", "")
     merged = {**tasks.PRESETS.get(overrides.get("preset", ""), {}), **(methods.fields_of(method) if method else {}), **overrides}
     if merged.get("algo", "paced") != "paced":  # set explicitly to anything else, check_lab names the conflict
